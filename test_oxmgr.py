@@ -1,0 +1,1899 @@
+"""Tests for oxmgr.py: units first (in the module's section order), then real processes.
+
+Run: python3 -m unittest -v test_oxmgr   (also works under pytest and as a script)
+Slow soak tests run only with OXMGR_SLOW_TESTS=1.
+"""
+
+import contextlib
+import faulthandler
+import io
+import json
+import os
+import select
+import shlex
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import unittest
+from unittest import mock
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import oxmgr  # noqa: E402
+
+TIMEOUT_SCALE = float(os.environ.get("OXMGR_TEST_TIMEOUT_SCALE", "1"))
+SHORT_TIMEOUT = 10 * TIMEOUT_SCALE
+LONG_TIMEOUT = 30 * TIMEOUT_SCALE
+SLOW = oxmgr.env_flag("OXMGR_SLOW_TESTS")
+HERE = os.path.dirname(os.path.abspath(__file__))
+OXMGR_PY = os.path.join(HERE, "oxmgr.py")
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+POSIX_ONLY = unittest.skipIf(os.name == "nt", "POSIX processes and signals")
+
+
+def setUpModule():
+    # A deadlock prints every thread's stack and exits instead of hanging CI.
+    faulthandler.dump_traceback_later(LONG_TIMEOUT * 8, exit=True)
+
+
+def tearDownModule():
+    faulthandler.cancel_dump_traceback_later()
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def wait_until(predicate, timeout=SHORT_TIMEOUT, message=""):
+    """Poll predicate (10 ms doubling to 0.2 s) until truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    pause = 0.01
+    last = None
+    while True:
+        last = predicate()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}; last value {last!r}")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.2)
+
+
+def python_child(code):
+    """Return a command line that runs `code` in a clean Python (no site)."""
+    return f"{shlex.quote(sys.executable)} -S -c {shlex.quote(textwrap.dedent(code))}"
+
+
+READY_THEN_SLEEP = """
+    import os, sys, time
+    print("ready", os.getpid(), flush=True)
+    while True:
+        time.sleep(60)
+"""
+
+IGNORE_SIGTERM = """
+    import os, signal, sys, time
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("ready", os.getpid(), flush=True)
+    while True:
+        time.sleep(60)
+"""
+
+PRINT_SIGNALS = """
+    import os, signal, sys, time
+    def handler(signum, frame):
+        print("got", signal.Signals(signum).name, flush=True)
+    for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(s, handler)
+    print("ready", os.getpid(), flush=True)
+    while True:
+        time.sleep(60)
+"""
+
+
+def EXIT_WITH(code, message="bye"):
+    return f"""
+    import sys
+    print({message!r}, flush=True)
+    print("err-" + {message!r}, file=sys.stderr, flush=True)
+    sys.exit({code})
+    """
+
+
+def SPEW_LINES(n):
+    return f"""
+    import os, sys, time
+    out = sys.stdout
+    for i in range({n}):
+        out.write("line %07d\\n" % i)
+    out.flush()
+    print("done", flush=True)
+    while True:
+        time.sleep(60)
+    """
+
+
+def pids_with_env(marker):
+    """Return pids whose environment contains `marker` (NAME=value)."""
+    needle = marker.encode() + b"\0"
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read() + b"\0"
+        except OSError:
+            continue
+        if b"\0" + needle in b"\0" + env:
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    if f.read().split(b")")[-1].split()[0] == b"Z":
+                        continue  # a zombie holds nothing
+            except OSError:
+                continue
+            found.append(int(name))
+    return found
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
+
+
+def kill_pids(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+class HomeTestCase(unittest.TestCase):
+    """A private OXMGR_HOME and a clean OXMGR_* environment for each test."""
+
+    extra_env = {}
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="oxt")
+        self.addCleanup(tmp.cleanup)
+        self.home_dir = os.path.join(tmp.name, "home")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OXMGR_")}
+        env["OXMGR_HOME"] = self.home_dir
+        env.update(self.extra_env)
+        patcher = mock.patch.dict(os.environ, env, clear=True)
+        patcher.start()
+        self.addCleanup(patcher.stop)
+        self.home = oxmgr.Home(self.home_dir)
+        self.tmp = tmp.name
+
+    def cli(self, *argv):
+        """Run the CLI in-process; return (code, stdout, stderr)."""
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = oxmgr.main([str(a) for a in argv])
+        return code, out.getvalue(), err.getvalue()
+
+    def cli_ok(self, *argv):
+        code, out, err = self.cli(*argv)
+        self.assertEqual(code, 0, f"oxmgr {' '.join(map(str, argv))} failed: {err}{self.daemon_log_tail()}")
+        return out
+
+    def cli_subprocess(self, *argv, timeout=LONG_TIMEOUT):
+        return subprocess.run([sys.executable, OXMGR_PY] + [str(a) for a in argv], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, timeout=timeout)
+
+    def daemon_log_tail(self, n=30):
+        try:
+            with open(self.home.daemon_log, errors="replace") as f:
+                return "\n--- daemon.log ---\n" + "".join(f.readlines()[-n:])
+        except OSError:
+            return ""
+
+
+class DaemonTestCase(HomeTestCase):
+    """A real daemon subprocess per test; cleanup leaves no process behind."""
+
+    def setUp(self):
+        super().setUp()
+        self.marker = f"OXMGR_HOME={self.home_dir}"
+        self.addCleanup(self.kill_world)
+        self.daemon = None
+        self.start_daemon()
+
+    def start_daemon(self):
+        os.makedirs(self.home_dir, mode=0o700, exist_ok=True)
+        log = open(self.home.daemon_log, "ab")
+        self.addCleanup(log.close)
+        argv = oxmgr.daemon_argv(self.home)  # stdio goes to our file
+        self.daemon = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+        wait_until(self.daemon_up, message="daemon ping" + self.daemon_log_tail())
+        return self.daemon
+
+    def daemon_up(self):
+        try:
+            return oxmgr.request(self.home, "ping", timeout=2)
+        except oxmgr.OxmgrError:
+            if self.daemon is not None and self.daemon.poll() is not None:
+                raise AssertionError("daemon exited early" + self.daemon_log_tail()) from None
+            return None
+
+    def stop_daemon(self):
+        """Graceful shutdown through the socket; waits for the process."""
+        try:
+            oxmgr.request(self.home, "shutdown", timeout=5)
+        except oxmgr.OxmgrError:
+            pass
+        if self.daemon is not None:
+            self.daemon.wait(LONG_TIMEOUT)
+
+    def kill_world(self):
+        """Stop the daemon (ours or one the CLI started), then check nothing survives."""
+        try:
+            pid = oxmgr.request(self.home, "ping", timeout=5)["pid"]
+            oxmgr.request(self.home, "shutdown", timeout=5)
+            wait_until(lambda: not oxmgr.process_running(pid), LONG_TIMEOUT, "daemon exit")
+        except oxmgr.OxmgrError:
+            pass
+        if self.daemon is not None and self.daemon.poll() is None:
+            try:
+                self.daemon.wait(LONG_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait()
+        leaked = {pid: cmdline(pid) for pid in pids_with_env(self.marker)}
+        kill_pids(leaked)
+        if leaked:
+            raise AssertionError(f"processes leaked by the test: {leaked}")
+
+    def wait(self, predicate, message="", timeout=SHORT_TIMEOUT):
+        try:
+            return wait_until(predicate, timeout, message)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}{self.daemon_log_tail()}") from None
+
+    def start_app(self, name, code, *flags):
+        self.cli_ok("start", python_child(code), "--name", name, *flags)
+        return self.info(name)
+
+    def info(self, name):
+        return oxmgr.request(self.home, "status", targets=[name])["processes"][0]
+
+    def wait_status(self, name, *statuses, timeout=SHORT_TIMEOUT):
+        return self.wait(lambda: (lambda i: i if i["status"] in statuses else None)(self.info(name)),
+                         f"{name} to be {statuses}", timeout)
+
+    def wait_log(self, name, text, stream="out", timeout=SHORT_TIMEOUT):
+        path = self.home.log_path(name, stream)
+
+        def has():
+            try:
+                with open(path, errors="replace") as f:
+                    return text in f.read()
+            except OSError:
+                return False
+        return self.wait(has, f"{text!r} in {path}", timeout)
+
+    def wait_ready_pid(self, name, timeout=SHORT_TIMEOUT):
+        """Wait for the app's own 'ready <pid>' line and return that pid."""
+        def ready():
+            info = self.info(name)
+            if not info["pid"]:
+                return None
+            try:
+                with open(self.home.log_path(name, "out")) as f:
+                    lines = f.read().split()
+            except OSError:
+                return None
+            return info["pid"] if str(info["pid"]) in lines else None
+        return self.wait(ready, f"{name} ready", timeout)
+
+
+def write_stat(pid, comm, state="S", ppid=1, pgid=None, sid=None, utime=10, stime=5, start=1000, rss=100):
+    """Build /proc/<pid>/stat text with the given fields."""
+    pgid = pid if pgid is None else pgid
+    sid = pid if sid is None else sid
+    fields = [state, ppid, pgid, sid, 0, -1, 4194560, 0, 0, 0, 0, utime, stime, 0, 0, 20, 0, 1, 0,
+              start, 1000000, rss]
+    return f"{pid} ({comm}) " + " ".join(str(f) for f in fields) + " 0 0 0"
+
+
+# -- 4. small utilities ------------------------------------------------------------
+
+
+class TestUtilities(unittest.TestCase):
+
+    def test_parse_duration_table(self):
+        for text, unit, expected in [("500ms", "s", 0.5), ("2s", "s", 2.0), ("1.5m", "s", 90.0),
+                                     ("3h", "s", 10800.0), ("1d", "s", 86400.0), ("5", "s", 5.0),
+                                     (5, "s", 5.0), (1500, "ms", 1.5), ("0", "s", 0.0), (" 2 s", "s", 2.0)]:
+            with self.subTest(text=text):
+                self.assertAlmostEqual(oxmgr.parse_duration(text, unit), expected)
+
+    def test_parse_duration_rejects_garbage(self):
+        for text in ["", "abc", "-1", "5 parsecs", "nan", "inf", True, "1e999"]:
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                oxmgr.parse_duration(text)
+
+    def test_parse_size_table(self):
+        for text, expected in [("150M", 150 << 20), ("1G", 1 << 30), ("512K", 512 << 10),
+                               ("2048", 2048), (4096, 4096), ("1.5MB", int(1.5 * (1 << 20))), ("10mib", 10 << 20)]:
+            with self.subTest(text=text):
+                self.assertEqual(oxmgr.parse_size(text), expected)
+
+    def test_parse_size_rejects_garbage(self):
+        for text in ["lots", "12Q", "-5M", False]:
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                oxmgr.parse_size(text)
+
+    def test_format_helpers(self):
+        self.assertEqual(oxmgr.format_bytes(512), "512B")
+        self.assertEqual(oxmgr.format_bytes(20 << 20), "20.0M")
+        self.assertEqual(oxmgr.format_bytes(None), "-")
+        self.assertEqual(oxmgr.format_uptime(59), "59s")
+        self.assertEqual(oxmgr.format_uptime(3600 * 5 + 1), "5h")
+        self.assertEqual(oxmgr.format_uptime(86400 * 2), "2d")
+        self.assertEqual(oxmgr.format_duration(0.25), "250ms")
+        self.assertEqual(oxmgr.format_duration(300), "5m")
+
+    def test_parse_signal_forms(self):
+        for text in ["SIGTERM", "TERM", "term", "15"]:
+            with self.subTest(text=text):
+                self.assertEqual(oxmgr.parse_signal(text), signal.SIGTERM)
+        for text in ["SIGNOPE", "0", "999", "SIG_IGN", ""]:
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                oxmgr.parse_signal(text)
+
+    def test_decode_wait_status_and_describe(self):
+        self.assertEqual(oxmgr.decode_wait_status(3 << 8), (3, None))
+        self.assertEqual(oxmgr.decode_wait_status(signal.SIGKILL), (None, signal.SIGKILL))
+        self.assertEqual(oxmgr.describe_exit(None, signal.SIGKILL), "killed by SIGKILL")
+        self.assertEqual(oxmgr.describe_exit(2, None), "exited with code 2")
+        self.assertEqual(oxmgr.exit_code_number(None, signal.SIGTERM), 128 + signal.SIGTERM)
+
+    def test_needs_shell_table(self):
+        for command, expected in [
+            ("node server.js", False), ("python3 -c 'print(1)'", False),
+            ("echo 'a | b'", False), ('echo "a > b"', False), ("a\\|b", False),
+            ("a | b", True), ("a && b", True), ("a > out.txt", True), ("echo $HOME", True),
+            ('echo "$HOME"', True), ("echo `id`", True), ("ls *.js", True), ("FOO=1 node x", True),
+            ("node x # comment", True), ("cd /tmp; ls", True), ("echo $(id)", True), ("cat ~/x", True),
+        ]:
+            with self.subTest(command=command):
+                self.assertEqual(oxmgr.needs_shell(command), expected)
+
+    def test_split_command(self):
+        self.assertEqual(oxmgr.split_command("node 'my app.js' --port 3"), ["node", "my app.js", "--port", "3"])
+        self.assertEqual(oxmgr.split_command("a | b"), ["/bin/sh", "-c", "a | b"])
+        with self.assertRaises(ValueError):
+            oxmgr.split_command("node 'unbalanced")
+        with self.assertRaises(ValueError):
+            oxmgr.split_command("   ")
+
+    def test_atomic_write_keeps_previous_copy(self):
+        with tempfile.TemporaryDirectory() as d:
+            path, backup = os.path.join(d, "s.json"), os.path.join(d, "s.json.bak")
+            oxmgr.atomic_write(path, b"one", backup=backup)
+            self.assertFalse(os.path.exists(backup))
+            oxmgr.atomic_write(path, b"two", backup=backup)
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), b"two")
+            with open(backup, "rb") as f:
+                self.assertEqual(f.read(), b"one")
+            self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+            self.assertEqual(sorted(os.listdir(d)), ["s.json", "s.json.bak"])  # no temp files left
+
+    def test_moment_format_translation(self):
+        self.assertEqual(oxmgr._moment_to_strftime("YYYY-MM-DD HH:mm:ss"), "%Y-%m-%d %H:%M:%S")
+        self.assertEqual(oxmgr._moment_to_strftime("%H:%M"), "%H:%M")
+        stamp = oxmgr.format_timestamp("%Y %f", when=1700000000.25)
+        self.assertTrue(stamp.endswith(" 250"), stamp)
+
+
+# -- 6. metrics --------------------------------------------------------------------
+
+
+class TestPlatformParsers(unittest.TestCase):
+
+    def test_parse_proc_stat_comm_with_parens_and_spaces(self):
+        text = write_stat(42, "evil) (name x", state="R", ppid=7, pgid=40, sid=39, utime=30, stime=12,
+                          start=5555, rss=10)
+        st = oxmgr._parse_proc_stat(text, page_bytes=4096)
+        self.assertEqual((st.pid, st.ppid, st.pgid, st.sid, st.state), (42, 7, 40, 39, "R"))
+        self.assertEqual(st.cpu_ticks, 42)
+        self.assertEqual(st.start_ticks, 5555)
+        self.assertEqual(st.rss_bytes, 40960)
+
+    def test_parse_proc_stat_malformed_is_none(self):
+        for text in ["", "12 no parens", "12 (x) S 1 2", "x (y) S 1 2 3"]:
+            with self.subTest(text=text):
+                self.assertIsNone(oxmgr._parse_proc_stat(text))
+
+    def test_parse_proc_stat_real_self(self):
+        st = oxmgr.read_stats(os.getpid())
+        self.assertEqual(st.pid, os.getpid())
+        self.assertEqual(st.ppid, os.getppid())
+        self.assertGreater(st.rss_bytes, 0)
+        self.assertIsNone(oxmgr.read_stats(2 ** 22 + 12345))
+
+    def test_parse_ps_output(self):
+        text = ("  101     1   101   101 Ss   00:01.50  2048 Mon Nov 20 10:00:00 2026\n"
+                "  102   101   101   101 R  1-02:03:04  1024 Mon Nov 20 10:00:01 2026\n"
+                "garbage line\n")
+        table = oxmgr._parse_ps_output(text)
+        self.assertEqual(sorted(table), [101, 102])
+        self.assertEqual(table[101].rss_bytes, 2048 * 1024)
+        self.assertEqual(table[101].cpu_ticks, 150)
+        self.assertEqual(table[102].cpu_ticks, (86400 + 7384) * 100)
+        self.assertEqual(table[102].ppid, 101)
+
+    def test_tree_members_follows_children_and_session(self):
+        S = oxmgr.ProcStats
+        table = {1: S(1, 0, 1, 1, "S", 0, 0, 0), 10: S(10, 1, 10, 10, "S", 0, 0, 0),
+                 11: S(11, 10, 10, 10, "S", 0, 0, 0), 12: S(12, 11, 12, 12, "S", 0, 0, 0),
+                 13: S(13, 1, 10, 10, "S", 0, 0, 0), 20: S(20, 1, 20, 20, "S", 0, 0, 0)}
+        self.assertEqual(oxmgr.tree_members(table, 10, sid=10), {10, 11, 12, 13})
+        self.assertEqual(oxmgr.tree_members(table, 10), {10, 11, 12})
+
+    def test_tree_sampler_cpu_and_rss(self):
+        S = oxmgr.ProcStats
+        now = [100.0]
+        sampler = oxmgr.TreeSampler(clock=lambda: now[0], ticks_per_s=100)
+        t1 = {10: S(10, 1, 10, 10, "S", 100, 5, 1000), 11: S(11, 10, 10, 10, "S", 50, 6, 500)}
+        first = sampler.sample({10: 10}, t1)
+        self.assertEqual(first[10], (None, 1500))
+        now[0] = 102.0
+        t2 = {10: S(10, 1, 10, 10, "S", 200, 5, 1000), 11: S(11, 10, 10, 10, "Z", 50, 6, 0),
+              12: S(12, 10, 10, 10, "S", 40, 7, 2000)}
+        cpu, rss = sampler.sample({10: 10}, t2)[10]
+        self.assertEqual(rss, 3000)
+        self.assertAlmostEqual(cpu, 70.0)  # (100 + 0 + 40 ticks) / 100 Hz / 2 s
+
+
+# -- 7. config model -----------------------------------------------------------------
+
+
+class TestConfigModel(unittest.TestCase):
+
+    def test_defaults(self):
+        spec = oxmgr.AppSpec.from_dict({"name": "api", "command": "node server.js"})
+        self.assertEqual(spec.restart_policy, "on-failure")
+        self.assertEqual(spec.max_restarts, 10)
+        self.assertEqual(spec.min_uptime_s, 1.0)
+        self.assertEqual(spec.stop_signal, "SIGTERM")
+        self.assertEqual(spec.stop_timeout_s, 5.0)
+        self.assertEqual(spec.env, {})
+        self.assertEqual(spec.namespace, "default")
+
+    def test_errors_name_the_key_and_say_what_is_expected(self):
+        cases = [({"restart_policy": "sometimes"}, "restart_policy"), ({"max_restarts": -1}, "max_restarts"),
+                 ({"stop_signal": "SIGNOPE"}, "stop_signal"), ({"stop_timeout_s": "soon"}, "stop_timeout_s"),
+                 ({"env": {"A": [1]}}, "env"), ({"command": "node 'x"}, "command"),
+                 ({"name": "has space"}, "name"), ({"name": "42"}, "name"), ({"bogus": 1}, "bogus"),
+                 ({"cwd": "relative/dir"}, "cwd"), ({"exp_backoff": "maybe"}, "exp_backoff")]
+        for extra, key in cases:
+            data = {"name": "api", "command": "node x.js"}
+            data.update(extra)
+            with self.subTest(key=key):
+                with self.assertRaises(oxmgr.ConfigError) as cm:
+                    oxmgr.AppSpec.from_dict(data, where="oxfile.toml: app 'api'")
+                message = str(cm.exception)
+                self.assertIn("oxfile.toml: app 'api'", message)
+                self.assertIn(key, message)
+
+    def test_normalisation(self):
+        spec = oxmgr.AppSpec.from_dict({"name": "a", "command": "x", "restart_policy": "on_failure",
+                                        "stop_signal": "int", "env": {"N": 3, "B": True, "Z": None},
+                                        "stop_exit_codes": [0, "2"], "log_date_format": "YYYY"})
+        self.assertEqual(spec.restart_policy, "on-failure")
+        self.assertEqual(spec.stop_signal, "SIGINT")
+        self.assertEqual(spec.env, {"N": "3", "B": "true", "Z": ""})
+        self.assertEqual(spec.stop_exit_codes, [0, 2])
+        self.assertEqual(spec.log_date_format, "%Y")
+
+    def test_spec_is_immutable_and_round_trips(self):
+        spec = oxmgr.AppSpec.from_dict({"name": "a", "command": "x", "env": {"K": "V"}})
+        with self.assertRaises(AttributeError):
+            spec.name = "b"
+        again = oxmgr.AppSpec.from_dict(spec.to_dict())
+        self.assertEqual(again, spec)
+        self.assertEqual(again.fingerprint(), spec.fingerprint())
+        self.assertNotEqual(spec.replace(command="y").fingerprint(), spec.fingerprint())
+
+    def test_infer_interpreter(self):
+        self.assertEqual(oxmgr.infer_interpreter("app.js --port 3"), "node")
+        self.assertEqual(oxmgr.infer_interpreter("worker.py"), sys.executable)
+        self.assertEqual(oxmgr.infer_interpreter("./run.sh"), "sh")
+        self.assertIsNone(oxmgr.infer_interpreter("node app.js"))
+
+    def test_resolve_argv(self):
+        spec = oxmgr.AppSpec.from_dict({"name": "a", "command": "app.js --port 3", "interpreter": "node",
+                                        "interpreter_args": ["--inspect"]})
+        self.assertEqual(oxmgr.resolve_argv(spec), ["node", "--inspect", "app.js", "--port", "3"])
+        spec = oxmgr.AppSpec.from_dict({"name": "a", "command": "app.js > x", "interpreter": "node"})
+        self.assertEqual(oxmgr.resolve_argv(spec), ["/bin/sh", "-c", "node app.js > x"])
+        spec = oxmgr.AppSpec.from_dict({"name": "a", "command": "./bin/app", "interpreter": "none"})
+        self.assertEqual(oxmgr.resolve_argv(spec), ["./bin/app"])
+
+    def test_default_app_name(self):
+        for command, name in [("node server.js", "server"), ("python3 -u worker.py", "worker"),
+                              ("/usr/bin/redis-server --port 1", "redis-server"), ("app.js", "app"),
+                              ("sh -c 'x | y'", "sh"), ("./123", "app-123"), ("bun run dev", "run"),
+                              ("a | b", "a"), ("python3 -c 'print(1)'", "python3"),
+                              ("python3 -m http.server 8000", "http.server")]:
+            with self.subTest(command=command):
+                self.assertEqual(oxmgr.default_app_name(command), name)
+
+    def test_child_environment_layers(self):
+        spec = oxmgr.AppSpec.from_dict({"name": "web-1", "command": "x", "env": {"A": "app", "PORT": "1"},
+                                        "instance": 1})
+        env = oxmgr.child_environment(spec, {"A": "cli", "PATH": "/bin"}, 7)
+        self.assertEqual(env["A"], "app")
+        self.assertEqual(env["PATH"], "/bin")
+        self.assertEqual((env["OXMGR_NAME"], env["OXMGR_ID"], env["NODE_APP_INSTANCE"]), ("web-1", "7", "1"))
+
+
+# -- 8. state store ---------------------------------------------------------------------
+
+
+def make_record(ident, name, **kw):
+    spec = oxmgr.AppSpec.from_dict({"name": name, "command": "sleep 1"})
+    return oxmgr.ProcessRecord(spec, id=ident, **kw)
+
+
+class TestStateStore(HomeTestCase):
+
+    def setUp(self):
+        super().setUp()
+        self.home.ensure()
+
+    def test_round_trip(self):
+        recs = [make_record(0, "a", desired="running", restart_count=3, base_env={"K": "V"}),
+                make_record(4, "b", status="errored", status_reason="crash loop")]
+        oxmgr.save_state(self.home, 5, recs)
+        next_id, loaded, warnings = oxmgr.load_state(self.home)
+        self.assertEqual((next_id, warnings), (5, []))
+        self.assertEqual([r.to_dict() for r in loaded], [r.to_dict() for r in recs])
+        with open(self.home.state) as f:
+            data = json.load(f)
+        self.assertEqual(set(data), {"version", "next_id", "processes"})
+        self.assertTrue({"id", "name", "status", "pid"} <= set(data["processes"][0]))
+
+    def test_home_is_private(self):
+        os.chmod(self.home_dir, 0o755)
+        warning = self.home.ensure()
+        self.assertIn("700", warning)
+        self.assertEqual(stat.S_IMODE(os.stat(self.home_dir).st_mode), 0o700)
+
+    def test_corrupt_state_is_set_aside_and_backup_used(self):
+        oxmgr.save_state(self.home, 1, [make_record(0, "good")])
+        oxmgr.save_state(self.home, 2, [make_record(0, "good"), make_record(1, "newer")])
+        with open(self.home.state, "w") as f:
+            f.write('{"processes": [ garbage')
+        next_id, loaded, warnings = oxmgr.load_state(self.home)
+        self.assertEqual([r.name for r in loaded], ["good"])
+        self.assertTrue(any("unreadable" in w for w in warnings), warnings)
+        self.assertTrue(any(n.startswith("state.json.corrupt-") for n in os.listdir(self.home_dir)))
+
+    def test_invalid_records_count_as_corrupt(self):
+        for bad in ['{"processes": [{"id": "x"}]}', '[]', '{"processes": [{"id": 0, "spec": {}}]}',
+                    '{"processes": [{"id": 0, "status": "weird", "spec": {"name": "a", "command": "b"}}]}']:
+            with self.subTest(bad=bad):
+                with open(self.home.state, "w") as f:
+                    f.write(bad)
+                _, loaded, warnings = oxmgr.load_state(self.home)
+                self.assertEqual(loaded, [])
+                self.assertTrue(warnings)
+
+    def test_missing_state_is_empty(self):
+        self.assertEqual(oxmgr.load_state(self.home), (0, [], []))
+
+
+# -- 9. logs -------------------------------------------------------------------------------
+
+
+class TestRotatingLog(unittest.TestCase):
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+        self.path = os.path.join(self.dir, "app.out.log")
+
+    def make(self, max_bytes=100, max_files=3, max_age_s=0, clock=time.time):
+        log = oxmgr.RotatingLog(self.path, oxmgr.LogPolicy(max_bytes, max_files, max_age_s), clock=clock)
+        self.addCleanup(log.close)
+        return log
+
+    def read_all(self):
+        paths = sorted((p for p in os.listdir(self.dir) if p.startswith("app.out.log")),
+                       key=lambda p: -int(p.rsplit(".", 1)[1]) if p[-1].isdigit() else 0)
+        data = b""
+        for p in paths:
+            with open(os.path.join(self.dir, p), "rb") as f:
+                data += f.read()
+        return data
+
+    def test_rotates_by_size_into_numbered_files(self):
+        log = self.make(max_bytes=100, max_files=3)
+        for i in range(40):
+            log.write(b"line %02d\n" % i)
+        names = sorted(os.listdir(self.dir))
+        self.assertEqual(names, ["app.out.log", "app.out.log.1", "app.out.log.2", "app.out.log.3"])
+        for name in names:
+            self.assertLessEqual(os.path.getsize(os.path.join(self.dir, name)), 100)
+
+    def test_no_line_is_split_or_lost(self):
+        log = self.make(max_bytes=64, max_files=1000)
+        expected = b"".join(b"n%05d\n" % i for i in range(3000))
+        view = expected
+        while view:  # odd-sized writes that end mid-line
+            log.write(view[:37])
+            view = view[37:]
+        self.assertEqual(self.read_all(), expected)
+        for name in os.listdir(self.dir):
+            with open(os.path.join(self.dir, name), "rb") as f:
+                data = f.read()
+            self.assertTrue(data.endswith(b"\n") or name == "app.out.log", name)
+
+    def test_keeps_only_max_files(self):
+        log = self.make(max_bytes=10, max_files=2)
+        for _ in range(20):
+            log.write(b"0123456789\n")
+        self.assertEqual(sorted(os.listdir(self.dir)), ["app.out.log", "app.out.log.1", "app.out.log.2"])
+
+    def test_age_rotation_and_pruning(self):
+        now = [1_000_000.0]
+        log = self.make(max_bytes=0, max_files=5, max_age_s=100, clock=lambda: now[0])
+        log.write(b"old\n")
+        self.assertFalse(log.should_rotate_by_age())
+        now[0] += 101
+        self.assertTrue(log.should_rotate_by_age())
+        log.rotate()
+        os.utime(self.path + ".1", (now[0] - 500, now[0] - 500))
+        log.write(b"new\n")
+        now[0] += 101
+        log.rotate()  # the first rotated file is older than max_age: pruned
+        self.assertEqual(sorted(os.listdir(self.dir)), ["app.out.log", "app.out.log.1"])
+        with open(self.path + ".1", "rb") as f:
+            self.assertEqual(f.read(), b"new\n")
+
+    def test_non_regular_file_is_never_rotated(self):
+        log = oxmgr.RotatingLog(os.devnull, oxmgr.LogPolicy(1, 2, 0))
+        self.addCleanup(log.close)
+        for _ in range(5):
+            log.write(b"x\n")
+        self.assertTrue(os.path.exists(os.devnull))
+        self.assertFalse(os.path.exists(os.devnull + ".1"))
+
+    def test_vanished_file_is_tolerated(self):
+        log = self.make(max_bytes=20, max_files=2)
+        log.write(b"first line\n")
+        os.unlink(self.path)
+        log.write(b"second line that rotates\n")
+        log.write(b"third\n")
+        self.assertIn(b"third", self.read_all())
+
+    def test_truncate_and_tail(self):
+        log = self.make(max_bytes=30, max_files=5)
+        for i in range(10):
+            log.write(b"row %d\n" % i)
+        self.assertEqual(oxmgr.tail_log(self.path, 7), [b"row %d" % i for i in range(3, 10)])
+        self.assertEqual(oxmgr.tail_lines(self.path, 2), [b"row 8", b"row 9"])
+        log.truncate()
+        self.assertEqual(os.listdir(self.dir), ["app.out.log"])
+        self.assertEqual(os.path.getsize(self.path), 0)
+        log.write(b"after\n")
+        self.assertEqual(oxmgr.tail_log(self.path, 5), [b"after"])
+
+    def test_policy_from_env(self):
+        policy = oxmgr.LogPolicy.from_env({"OXMGR_LOG_MAX_SIZE_MB": "0.5", "OXMGR_LOG_MAX_FILES": "2",
+                                           "OXMGR_LOG_MAX_DAYS": "1"})
+        self.assertEqual((policy.max_bytes, policy.max_files, policy.max_age_s), (1 << 19, 2, 86400.0))
+        with self.assertRaises(oxmgr.ConfigError) as cm:
+            oxmgr.LogPolicy.from_env({"OXMGR_LOG_MAX_FILES": "many"})
+        self.assertIn("OXMGR_LOG_MAX_FILES", str(cm.exception))
+
+    def test_stamp_lines(self):
+        self.assertEqual(oxmgr._stamp_lines(b"a\nb\n", b"T ", True), b"T a\nT b\n")
+        self.assertEqual(oxmgr._stamp_lines(b"rest\nnext", b"T ", False), b"rest\nT next")
+        self.assertEqual(oxmgr._stamp_lines(b"\n", b"T ", True), b"T \n")
+
+
+# -- 10. protocol ----------------------------------------------------------------------------
+
+
+class TestProtocol(unittest.TestCase):
+
+    def test_encode_decode(self):
+        frame = oxmgr.encode({"op": "list", "x": "é"})
+        self.assertTrue(frame.endswith(b"\n"))
+        self.assertEqual(frame.count(b"\n"), 1)
+        self.assertEqual(oxmgr.decode(frame), {"op": "list", "x": "é"})
+
+    def test_decode_rejects(self):
+        for line in [b"garbage", b"[1, 2]", b"\xff\xfe", b"{" + b" " * oxmgr.MAX_FRAME_BYTES + b"}"]:
+            with self.subTest(line=line[:20]), self.assertRaises(oxmgr.IpcError):
+                oxmgr.decode(line)
+
+    def test_error_round_trip_keeps_class(self):
+        for exc in [oxmgr.ProcessNotFound("nope"), oxmgr.DuplicateProcess("dup"), oxmgr.SpawnError("x", 127),
+                    oxmgr.IpcError("bad"), oxmgr.ConfigError("cfg")]:
+            with self.subTest(exc=type(exc).__name__):
+                back = oxmgr.error_from_wire(json.loads(json.dumps(oxmgr.error_to_wire(exc))))
+                self.assertIs(type(back), type(exc))
+                self.assertEqual(str(back), str(exc))
+        self.assertIsInstance(oxmgr.error_from_wire({"ok": False, "error": {"type": "Weird", "message": "m"}}),
+                              oxmgr.OxmgrError)
+        self.assertIsInstance(oxmgr.error_from_wire({"ok": False}), oxmgr.IpcError)
+
+
+
+# -- 11. event loop ------------------------------------------------------------------------
+
+
+class LoopTestCase(unittest.TestCase):
+
+    def setUp(self):
+        self.logged = []
+        self.loop = oxmgr.EventLoop(log=self.logged.append)
+        self.addCleanup(self.loop.close)
+
+    def run_async(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def run_until(self, predicate, timeout=SHORT_TIMEOUT, message=""):
+        async def waiter():
+            deadline = time.monotonic() + timeout
+            while not predicate():
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"timed out waiting for {message or predicate}")
+                await self.loop.sleep(0.001)
+        self.run_async(waiter())
+
+
+class TestEventLoop(LoopTestCase):
+
+    def test_callbacks_and_timers_run_in_order(self):
+        seen = []
+        self.loop.call_later(0.02, seen.append, "late")
+        self.loop.call_later(0.01, seen.append, "early")
+        cancelled = self.loop.call_later(0.005, seen.append, "cancelled")
+        cancelled.cancel()
+        self.loop.call_soon(seen.append, "soon")
+        self.run_async(self.loop.sleep(0.03))
+        self.assertEqual(seen, ["soon", "early", "late"])
+
+    def test_task_result_and_exception(self):
+        async def inner(x):
+            await self.loop.sleep(0)
+            return x * 2
+
+        async def outer():
+            a = await self.loop.create_task(inner(2))
+            return a + await inner(3)
+
+        self.assertEqual(self.run_async(outer()), 10)
+
+        async def boom():
+            await self.loop.sleep(0)
+            raise ValueError("boom")
+
+        with self.assertRaises(ValueError):
+            self.run_async(boom())
+
+    def test_cancel_throws_into_the_coroutine(self):
+        events = []
+
+        async def sleeper():
+            try:
+                await self.loop.sleep(30)
+            except oxmgr.Cancelled:
+                events.append("cancelled")
+                raise
+            finally:
+                events.append("finally")
+
+        task = self.loop.create_task(sleeper())
+        self.loop.call_later(0.01, task.cancel)
+
+        async def watch():
+            try:
+                await task
+            except oxmgr.Cancelled:
+                return "saw cancel"
+
+        self.assertEqual(self.run_async(watch()), "saw cancel")
+        self.assertEqual(events, ["cancelled", "finally"])
+        self.assertTrue(task.cancelled())
+
+    def test_cancel_before_first_step(self):
+        ran = []
+
+        async def never():
+            ran.append(1)
+
+        task = self.loop.create_task(never())
+        task.cancel()
+        self.run_async(self.loop.sleep(0.001))
+        self.assertEqual(ran, [])
+        self.assertTrue(task.cancelled())
+
+    def test_wait_for(self):
+        fut = self.loop.create_future()
+        with self.assertRaises(oxmgr.LoopTimeout):
+            self.run_async(oxmgr.wait_for(self.loop, fut, 0.01))
+        self.assertFalse(fut.done())  # the awaited future is left alone
+        self.loop.call_soon(fut.set_result, 7)
+        self.assertEqual(self.run_async(oxmgr.wait_for(self.loop, fut, 5)), 7)
+
+    def test_gather_collects_results_and_exceptions(self):
+        async def ok(v):
+            await self.loop.sleep(0.001 * v)
+            return v
+
+        async def bad():
+            raise KeyError("x")
+
+        results = self.run_async(oxmgr.gather(self.loop, [ok(2), bad(), ok(1)]))
+        self.assertEqual(results[0], 2)
+        self.assertIsInstance(results[1], KeyError)
+        self.assertEqual(results[2], 1)
+        self.assertEqual(self.run_async(oxmgr.gather(self.loop, [])), [])
+
+    def test_lock_is_fifo_and_survives_cancelled_waiters(self):
+        lock = oxmgr.Lock(self.loop)
+        order = []
+
+        async def worker(name, hold):
+            await lock.acquire()
+            try:
+                order.append(name)
+                await self.loop.sleep(hold)
+            finally:
+                lock.release()
+
+        first = self.loop.create_task(worker("a", 0.02))
+        doomed = self.loop.create_task(worker("doomed", 0))
+        last = self.loop.create_task(worker("b", 0))
+        self.loop.call_later(0.005, doomed.cancel)
+        self.run_async(oxmgr.gather(self.loop, [first, doomed, last]))
+        self.assertEqual(order, ["a", "b"])
+        self.assertFalse(lock.locked())
+
+    def test_reader_and_signal_delivery(self):
+        r, w = oxmgr.make_pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        got = []
+        self.loop.add_reader(r, lambda: got.append(os.read(r, 100)))
+        self.loop.add_signal_handler(signal.SIGUSR1, lambda signum: got.append(signum))
+        os.write(w, b"ping")
+        os.kill(os.getpid(), signal.SIGUSR1)
+        self.run_until(lambda: len(got) >= 2, message="pipe data and SIGUSR1")
+        self.assertIn(b"ping", got)
+        self.assertIn(signal.SIGUSR1, got)
+        self.loop.remove_reader(r)
+
+    def test_failing_callback_is_logged_not_fatal(self):
+        self.loop.call_soon(lambda: 1 / 0)
+        self.run_async(self.loop.sleep(0.001))
+        self.assertTrue(any("ZeroDivisionError" in m for m in self.logged), self.logged)
+
+
+# -- 12. supervisor core: pure restart arithmetic ---------------------------------------------
+
+
+def spec_of(**kw):
+    data = {"name": "app", "command": "true"}
+    data.update(kw)
+    return oxmgr.AppSpec.from_dict(data)
+
+
+class TestRestartPolicy(unittest.TestCase):
+
+    def test_should_restart_table(self):
+        SIGKILL = signal.SIGKILL
+        for policy, code, sig, stop_codes, expected in [
+            ("always", 0, None, (), True), ("always", 1, None, (), True), ("always", 3, None, (3,), False),
+            ("on-failure", 0, None, (), False), ("on-failure", 1, None, (), True),
+            ("on-failure", None, SIGKILL, (), True), ("on-failure", 2, None, (2,), False),
+            ("never", 1, None, (), False), ("never", None, SIGKILL, (), False),
+        ]:
+            with self.subTest(policy=policy, code=code, sig=sig):
+                self.assertEqual(oxmgr.should_restart(policy, code, sig, stop_codes), expected)
+
+    def test_next_backoff_doubles_and_caps(self):
+        mid = lambda: 0.5  # noqa: E731  (no jitter at the midpoint)
+        delays = [oxmgr.next_backoff(a, 0.1, 2.0, rand=mid) for a in range(8)]
+        self.assertEqual([round(d, 3) for d in delays], [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0])
+        self.assertAlmostEqual(oxmgr.next_backoff(3, 0.1, 60, factor=1.5, rand=mid), 0.3375)
+        self.assertEqual(oxmgr.next_backoff(10_000, 1, 15, rand=mid), 15)  # no overflow
+
+    def test_next_backoff_jitter_bounds(self):
+        low = oxmgr.next_backoff(2, 1.0, 100, rand=lambda: 0.0)
+        high = oxmgr.next_backoff(2, 1.0, 100, rand=lambda: 0.999999)
+        self.assertAlmostEqual(low, 3.6)
+        self.assertAlmostEqual(high, 4.4, places=3)
+        self.assertLessEqual(oxmgr.next_backoff(50, 1.0, 15, rand=lambda: 0.99), 15)
+
+    def test_tracker_crash_loop_gives_up_after_max_restarts(self):
+        tracker = oxmgr.RestartTracker(clock=lambda: 0.0)
+        spec = spec_of(max_restarts=3, min_uptime_s=1)
+        results = [tracker.on_exit(spec, 1, None, 0.1)[0] for _ in range(4)]
+        self.assertEqual(results, ["restarting"] * 3 + ["errored"])
+        status, _, reason = tracker.on_exit(spec, 1, None, 0.1)
+        self.assertIn("crash loop", reason)
+
+    def test_tracker_stable_run_resets_the_count(self):
+        tracker = oxmgr.RestartTracker(clock=lambda: 0.0)
+        spec = spec_of(max_restarts=2, min_uptime_s=1)
+        for _ in range(10):
+            self.assertEqual(tracker.on_exit(spec, 1, None, 0.1)[0], "restarting")
+            self.assertEqual(tracker.on_exit(spec, 1, None, 0.1)[0], "restarting")
+            self.assertEqual(tracker.on_exit(spec, 1, None, 5.0)[0], "restarting")  # stable: back to 0
+
+    def test_tracker_crash_restart_limit_window(self):
+        now = [0.0]
+        tracker = oxmgr.RestartTracker(clock=lambda: now[0])
+        spec = spec_of(crash_restart_limit=3, min_uptime_s=1)
+        for _ in range(3):
+            now[0] += 10
+            self.assertEqual(tracker.on_exit(spec, 1, None, 10.0)[0], "restarting")
+        now[0] += 10
+        status, _, reason = tracker.on_exit(spec, 1, None, 10.0)
+        self.assertEqual(status, "errored")
+        self.assertIn("crash_restart_limit = 3", reason)
+        tracker.reset()
+        now[0] += 400  # outside the 5-minute window the old restarts no longer count
+        self.assertEqual(tracker.on_exit(spec, 1, None, 10.0)[0], "restarting")
+
+    def test_tracker_exp_backoff_grows_then_resets(self):
+        tracker = oxmgr.RestartTracker(clock=lambda: 0.0)
+        spec = spec_of(exp_backoff=True, restart_delay_s=0.2, backoff_max_s=1.0, max_restarts=100)
+        delays = [tracker.on_exit(spec, 1, None, 0.0)[1] for _ in range(5)]
+        self.assertTrue(0.18 <= delays[0] <= 0.22, delays)
+        self.assertTrue(0.36 <= delays[1] <= 0.44, delays)
+        self.assertLessEqual(max(delays), 1.0)
+        _, delay, _ = tracker.on_exit(spec, 1, None, 60.0)  # a stable run starts over
+        self.assertTrue(0.18 <= delay <= 0.22, delay)
+
+    def test_tracker_outcomes_without_restart(self):
+        tracker = oxmgr.RestartTracker(clock=lambda: 0.0)
+        self.assertEqual(tracker.on_exit(spec_of(), 0, None, 5)[0], "stopped")
+        self.assertEqual(tracker.on_exit(spec_of(restart_policy="never"), 2, None, 5)[0], "crashed")
+        self.assertEqual(tracker.on_exit(spec_of(restart_policy="never"), 0, None, 5)[0], "stopped")
+        self.assertEqual(tracker.on_exit(spec_of(restart_policy="always", stop_exit_codes=[9]), 9, None, 5)[0],
+                         "stopped")
+
+
+# -- 12. supervisor core with a fake spawner and a fake clock ------------------------------------
+
+FAKE_PID_BASE = 2 ** 22 + 1000  # above Linux's pid_max: a signal to it can reach no real process
+
+
+class FakeChild:
+    """A child that exits when told; its output goes through real pipes."""
+
+    def __init__(self, pid, out_fd, err_fd, ignore=()):
+        self.pid = pid
+        self.out = os.dup(out_fd)
+        self.err = os.dup(err_fd)
+        self.signals = []
+        self.ignore = set(ignore)
+        self.on_exit = None
+        self.alive = True
+
+    def write(self, data, stream="out"):
+        os.write(self.out if stream == "out" else self.err, data)
+
+    def signal_group(self, signum):
+        if not self.alive:
+            return False
+        self.signals.append(signum)
+        if signum != 0 and signum not in self.ignore:
+            self.exit(signum=signum)
+        return True
+
+    def group_alive(self):
+        return self.alive
+
+    def exit(self, code=None, signum=None):
+        if not self.alive:
+            return
+        self.alive = False
+        os.close(self.out)
+        os.close(self.err)
+        status = signum if signum is not None else (code << 8)
+        self.on_exit(status)
+
+
+class FakeSpawner:
+    def __init__(self):
+        self.children = []
+        self.fail_next = None
+        self.ignore = ()
+
+    def __call__(self, argv, cwd, env, out_fd, err_fd):
+        if self.fail_next:
+            exc, self.fail_next = self.fail_next, None
+            raise exc
+        child = FakeChild(FAKE_PID_BASE + len(self.children), out_fd, err_fd, self.ignore)
+        child.argv, child.env = argv, env
+        self.children.append(child)
+        return child
+
+    @property
+    def last(self):
+        return self.children[-1]
+
+
+class SupervisorTestCase(LoopTestCase):
+
+    def setUp(self):
+        super().setUp()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        self.home = oxmgr.Home(tmp.name)
+        self.home.ensure()
+        self.now = [1000.0]
+        self.spawner = FakeSpawner()
+        self.sup = oxmgr.Supervisor(self.loop, self.home, spawner=self.spawner, clock=lambda: self.now[0],
+                                    log_policy=oxmgr.LogPolicy(0, 0, 0), log=self.logged.append)
+        self.transitions = []
+        self.sup.status_listeners.append(lambda p, old, new, reason: self.transitions.append(new))
+        self.addCleanup(lambda: [p.close_logs() for p in self.sup.procs.values()])
+
+    def add(self, **kw):
+        proc = self.sup.add(spec_of(**kw), {"FROM_CLI": "1"})
+        return proc
+
+    def start(self, proc):
+        self.run_async(proc.start())
+
+
+class TestTransitions(SupervisorTestCase):
+
+    def test_every_status_has_a_row_and_no_self_loops(self):
+        self.assertEqual(set(oxmgr._TRANSITIONS), set(oxmgr.Status.ALL))
+        for old, targets in oxmgr._TRANSITIONS.items():
+            self.assertNotIn(old, targets)
+            self.assertTrue(targets <= set(oxmgr.Status.ALL))
+
+    def test_legal_and_illegal_edges(self):
+        proc = self.add()
+        for old in oxmgr.Status.ALL:
+            for new in oxmgr.Status.ALL:
+                if new == old:
+                    continue
+                proc.rec.status = old
+                with self.subTest(edge=f"{old}->{new}"):
+                    if new in oxmgr._TRANSITIONS[old]:
+                        proc._set_status(new)
+                        self.assertEqual(proc.rec.status, new)
+                    else:
+                        with self.assertRaises(AssertionError) as cm:
+                            proc._set_status(new)
+                        self.assertIn(f"illegal transition {old} -> {new}", str(cm.exception))
+
+
+class TestSupervisorFake(SupervisorTestCase):
+
+    def test_crash_restarting_running(self):
+        """A non-zero exit under on-failure goes running -> restarting -> running with a new child."""
+        proc = self.add()
+        self.start(proc)
+        first = self.spawner.last
+        self.now[0] += 5
+        first.exit(code=1)
+        self.run_until(lambda: len(self.spawner.children) == 2, message="respawn")
+        self.assertEqual(self.transitions, ["starting", "running", "restarting", "starting", "running"])
+        self.assertEqual(proc.rec.restart_count, 1)
+        self.assertEqual(proc.rec.last_exit_code, 1)
+        self.assertEqual(proc.rec.pid, self.spawner.last.pid)
+        self.assertEqual(self.spawner.last.env["FROM_CLI"], "1")
+
+    def test_fast_crashes_end_errored(self):
+        """Exits before min_uptime, more than max_restarts in a row, give up with the reason."""
+        proc = self.add(max_restarts=2)
+        self.start(proc)
+        for _ in range(3):
+            child = self.spawner.last
+            child.write(b"fatal: config missing\n", "err")
+            child.exit(code=3)
+            self.run_until(lambda: proc.rec.status in ("running", "errored"), message="running or errored")
+        self.assertEqual(proc.rec.status, "errored")
+        self.assertEqual(len(self.spawner.children), 3)
+        self.assertIn("crash loop: 3 exits", proc.rec.status_reason)
+        self.assertIn("fatal: config missing", proc.rec.status_reason)
+        self.assertEqual(proc.rec.desired, "running")  # a daemon restart tries again
+
+    def test_stop_escalates_to_sigkill_after_timeout(self):
+        self.spawner.ignore = {signal.SIGTERM}
+        proc = self.add(stop_timeout_s=0.05)
+        self.start(proc)
+        child = self.spawner.last
+        self.run_async(proc.stop())
+        self.assertEqual(child.signals[:2], [signal.SIGTERM, signal.SIGKILL])
+        self.assertEqual(proc.rec.status, "stopped")
+        self.assertEqual(proc.rec.status_reason, "killed after stop_timeout")
+        self.assertEqual(proc.rec.desired, "stopped")
+
+    def test_final_status_only_after_output_drains(self):
+        """The last lines a child wrote are in the log when its exit status is recorded."""
+        proc = self.add(restart_policy="never")
+        self.start(proc)
+        seen = {}
+
+        def on_status(p, old, new, reason):
+            if new == "crashed":
+                with open(p.log_path("out"), "rb") as f:
+                    seen["log"] = f.read()
+
+        self.sup.status_listeners.append(on_status)
+        child = self.spawner.last
+        child.write(b"last words\n")
+        child.exit(code=2)  # reaped before the loop ever read the pipe
+        self.assertEqual(seen.get("log"), b"last words\n")
+
+    def test_policies(self):
+        for policy, code, expected in [("never", 1, "crashed"), ("on-failure", 0, "stopped"),
+                                       ("always", 0, "running")]:
+            with self.subTest(policy=policy, code=code):
+                proc = self.add(name=f"p-{policy}", restart_policy=policy)
+                self.start(proc)
+                self.now[0] += 10
+                self.spawner.last.exit(code=code)
+                self.run_until(lambda p=proc, want=expected: p.rec.status == want, message=expected)
+
+    def test_spawn_failure_at_start_is_errored_and_reported(self):
+        proc = self.add()
+        self.spawner.fail_next = oxmgr.SpawnError("command not found: 'nodex'", 127)
+        with self.assertRaises(oxmgr.SpawnError) as cm:
+            self.start(proc)
+        self.assertIn("command not found", str(cm.exception))
+        self.assertEqual(proc.rec.status, "errored")
+        self.assertEqual(proc.rec.last_exit_code, 127)
+
+    def test_spawn_failure_on_restart_counts_as_unstable(self):
+        proc = self.add(max_restarts=1)
+        self.start(proc)
+        self.spawner.fail_next = oxmgr.SpawnError("command not found: 'x'", 127)
+        self.spawner.last.exit(code=1)
+        self.run_until(lambda: proc.rec.status == "errored", message="errored")
+        self.assertIn("command not found", proc.rec.status_reason)
+
+    def test_stop_cancels_a_pending_restart(self):
+        proc = self.add(restart_delay_s=30)
+        self.start(proc)
+        self.spawner.last.exit(code=1)
+        self.assertEqual(proc.rec.status, "restarting")
+        self.assertIn("restarting in 30s", proc.rec.status_reason)
+        self.run_async(proc.stop())
+        self.assertEqual(proc.rec.status, "stopped")
+        self.run_async(self.loop.sleep(0.01))
+        self.assertEqual(len(self.spawner.children), 1)
+
+    def test_restart_delay_is_waited_out(self):
+        proc = self.add(restart_delay_s=0.05)
+        self.start(proc)
+        self.spawner.last.exit(code=1)
+        self.assertEqual(proc.rec.status, "restarting")
+        self.assertEqual(len(self.spawner.children), 1)
+        self.run_until(lambda: proc.rec.status == "running", message="running after the delay")
+        self.assertEqual(len(self.spawner.children), 2)
+
+    def test_restart_stops_before_starting(self):
+        proc = self.add()
+        self.start(proc)
+        old = self.spawner.last
+        self.run_async(proc.restart())
+        self.assertFalse(old.alive)
+        self.assertEqual(old.signals, [signal.SIGTERM])
+        self.assertEqual(len(self.spawner.children), 2)
+        self.assertEqual(proc.rec.restart_count, 1)
+
+    def test_resolve_targets(self):
+        a = self.add(name="a")
+        b = self.add(name="b", namespace="web")
+        c = self.add(name="c", namespace="web")
+        self.assertEqual(self.sup.resolve(["all"]), [a, b, c])
+        self.assertEqual(self.sup.resolve(["web", "a", "1"]), [b, c, a])
+        self.assertEqual(self.sup.resolve([str(a.rec.id)]), [a])
+        with self.assertRaises(oxmgr.ProcessNotFound):
+            self.sup.resolve(["nope"])
+        with self.assertRaises(oxmgr.DuplicateProcess):
+            self.add(name="a")
+        self.assertEqual(self.sup.unique_name("a"), "a-1")
+
+
+
+# -- end to end: a real daemon, real processes, real signals ------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def group_members(pgid):
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+            if (lambda st: st is not None and st.pgid == pgid and st.state != "Z")(oxmgr.read_stats(pid))]
+
+
+@POSIX_ONLY
+class TestEndToEnd(DaemonTestCase):
+
+    def test_start_list_status_json_then_stop(self):
+        """start gives a running app with a live pid in list, status and --json; stop kills its group."""
+        self.start_app("api", READY_THEN_SLEEP)
+        pid = self.wait_ready_pid("api")
+        self.assertTrue(oxmgr.pid_alive(pid))
+        out = self.cli_ok("list")
+        self.assertRegex(out, r"ID\s+NAME\s+NAMESPACE\s+STATUS\s+PID\s+UPTIME\s+RESTARTS\s+CPU%\s+RAM\s+HEALTH")
+        self.assertRegex(out, rf"0\s+api\s+default\s+running\s+{pid}\s")
+        status = self.cli_ok("status", "api")
+        self.assertIn("PID:", status)
+        self.assertRegex(status, rf"(?m)^PID:\s+{pid}$")
+        self.assertRegex(status, r"(?m)^Status:\s+running$")
+        data = json.loads(self.cli_ok("list", "--json"))
+        self.assertEqual(len(data), 1)
+        for key in ("id", "name", "namespace", "command", "status", "pid", "restart_count", "uptime_ms",
+                    "cpu_percent", "memory_bytes", "health_status"):
+            self.assertIn(key, data[0])
+        self.assertEqual((data[0]["name"], data[0]["status"], data[0]["pid"]), ("api", "running", pid))
+        self.assertEqual(json.loads(self.cli_ok("status", "api", "--json"))["pid"], pid)
+        self.assertEqual(os.getpgid(pid), pid)
+        self.assertEqual(os.getsid(pid), pid)
+        out = self.cli_ok("stop", "api")
+        self.assertIn("stopped api", out)
+        self.assertFalse(oxmgr.pid_alive(pid))
+        self.assertEqual(group_members(pid), [])
+        self.assertRegex(self.cli_ok("status", "api"), r"(?m)^PID:\s+-$")
+
+    def test_exec_without_shell_and_shell_when_needed(self):
+        """A plain command is exec'd (its pid is the app), shell syntax runs under sh -c."""
+        self.start_app("plain", "import os; print('ready', os.getpid(), flush=True); import time; time.sleep(60)")
+        pid = self.wait_ready_pid("plain")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            self.assertEqual(f.read().split(b"\0")[:2], [sys.executable.encode(), b"-S"])  # no sh in between
+        self.assertEqual(oxmgr.read_stats(pid).pgid, pid)
+        marker = os.path.join(self.tmp, "shell-ran")
+        self.cli_ok("start", f"echo one | cat > {shlex.quote(marker)} && sleep 60", "--name", "piped")
+        self.wait(lambda: os.path.exists(marker) and open(marker).read() == "one\n", "shell pipeline output")
+        pid = self.info("piped")["pid"]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            self.assertEqual(f.read().split(b"\0")[:2], [b"/bin/sh", b"-c"])
+
+    def test_stdin_env_cwd(self):
+        """The app gets /dev/null as stdin, the CLI's environment plus --env, OXMGR_* and its cwd."""
+        os.environ["FROM_SHELL"] = "shell-value"
+        code = """
+            import os, sys
+            print("stdin", repr(sys.stdin.read()), flush=True)
+            for k in ("FROM_SHELL", "SECRET_TOKEN", "OXMGR_NAME", "OXMGR_ID"):
+                print(k, os.environ.get(k), flush=True)
+            print("cwd", os.getcwd(), flush=True)
+            print("ready", os.getpid(), flush=True)
+            import time; time.sleep(60)
+        """
+        self.start_app("envy", code, "--env", "SECRET_TOKEN=hunter2", "--cwd", self.tmp)
+        self.wait_ready_pid("envy")
+        with open(self.home.log_path("envy", "out")) as f:
+            out = f.read()
+        for line in ["stdin ''", "FROM_SHELL shell-value", "SECRET_TOKEN hunter2", "OXMGR_NAME envy",
+                     "OXMGR_ID 0", f"cwd {os.path.realpath(self.tmp)}"]:
+            self.assertIn(line, out)
+        for argv in (["list"], ["list", "--json"], ["status", "envy"], ["status", "envy", "--json"]):
+            printed = self.cli_ok(*argv)
+            self.assertNotIn("hunter2", printed, argv)
+            self.assertNotIn("shell-value", printed, argv)
+        self.assertIn("SECRET_TOKEN", self.cli_ok("status", "envy"))  # the name, never the value
+
+    def test_restart_update_env(self):
+        """restart --update-env hands the app this shell's environment; plain restart keeps the old one."""
+        code = "import os, time; print('v=' + os.environ.get('APP_V', '-'), os.getpid(), flush=True); time.sleep(60)"
+        os.environ["APP_V"] = "1"
+        self.start_app("upd", code)
+        self.wait_log("upd", "v=1")
+        os.environ["APP_V"] = "2"
+        self.cli_ok("restart", "upd")
+        self.wait(lambda: open(self.home.log_path("upd", "out")).read().count("v=1") == 2, "second v=1")
+        self.cli_ok("restart", "upd", "--update-env")
+        self.wait_log("upd", "v=2")
+
+    def test_sigkill_under_always_gives_a_new_pid(self):
+        self.start_app("keeper", READY_THEN_SLEEP, "--restart", "always")
+        pid = self.wait_ready_pid("keeper")
+        os.kill(pid, signal.SIGKILL)
+        new = self.wait(lambda: (lambda i: i["pid"] if i["pid"] not in (None, pid) and i["status"] == "running"
+                                 else None)(self.info("keeper")), "a new pid")
+        self.assertNotEqual(new, pid)
+        info = self.info("keeper")
+        self.assertEqual(info["restart_count"], 1)
+        self.assertEqual(info["last_signal"], "SIGKILL")
+
+    def test_exit_zero_on_failure_stops_and_never_crashes(self):
+        self.start_app("oneshot", EXIT_WITH(0))
+        info = self.wait_status("oneshot", "stopped")
+        self.assertEqual(info["last_exit_code"], 0)
+        self.assertEqual(info["restart_count"], 0)
+        self.start_app("fragile", EXIT_WITH(4), "--restart", "never")
+        info = self.wait_status("fragile", "crashed")
+        self.assertEqual(info["last_exit_code"], 4)
+        self.assertIn("exited with code 4", self.cli_ok("status", "fragile"))
+
+    def test_fast_crashes_become_errored_with_reason(self):
+        self.start_app("looper", EXIT_WITH(3, "boom"), "--max-restarts", "2")
+        info = self.wait_status("looper", "errored")
+        self.assertEqual(info["restart_count"], 2)
+        status = self.cli_ok("status", "looper")
+        self.assertIn("errored (crash loop: 3 exits in a row", status)
+        self.assertIn("err-boom", status)  # the last stderr lines say why
+
+    def test_crash_restart_limit(self):
+        self.start_app("limited", EXIT_WITH(1), "--crash-restart-limit", "2", "--min-uptime", "0")
+        info = self.wait_status("limited", "errored")
+        self.assertEqual(info["restart_count"], 2)
+        self.assertIn("crash_restart_limit = 2", info["status_reason"])
+
+    def test_stubborn_child_killed_after_stop_timeout_with_grandchild(self):
+        """A child ignoring SIGTERM is SIGKILLed after stop_timeout; its grandchild dies with the group."""
+        code = """
+            import os, signal, subprocess, sys, time
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            kid = subprocess.Popen([sys.executable, "-S", "-c",
+                "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+            print("grandchild", kid.pid, flush=True)
+            print("ready", os.getpid(), flush=True)
+            time.sleep(600)
+        """
+        self.start_app("stubborn", code, "--stop-timeout", "0.3")
+        pid = self.wait_ready_pid("stubborn")
+        with open(self.home.log_path("stubborn", "out")) as f:
+            grandchild = int(f.read().split("grandchild")[1].split()[0])
+        self.assertEqual(oxmgr.read_stats(grandchild).pgid, pid)
+        self.cli_ok("stop", "stubborn")
+        self.assertFalse(oxmgr.pid_alive(pid))
+        self.wait(lambda: not oxmgr.pid_alive(grandchild) or oxmgr.read_stats(grandchild) is None
+                  or oxmgr.read_stats(grandchild).state == "Z", "grandchild gone")
+        info = self.info("stubborn")
+        self.assertEqual((info["status"], info["status_reason"]), ("stopped", "killed after stop_timeout"))
+
+    def test_group_member_outliving_the_leader_is_killed_before_restart(self):
+        """When the leader crashes, the rest of its group is stopped before the new one starts."""
+        port = free_port()
+        code = f"""
+            import os, socket, subprocess, sys, time
+            kid = subprocess.Popen([sys.executable, "-S", "-c",
+                "import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); "
+                "print('bound', flush=True); time.sleep(600)"], stdout=sys.stdout)
+            print("kid", kid.pid, "ready", os.getpid(), flush=True)
+            time.sleep(600)
+        """
+        self.start_app("holder", code, "--restart", "always")
+        pid = self.wait_ready_pid("holder")
+        self.wait_log("holder", "bound")
+        with open(self.home.log_path("holder", "out")) as f:
+            kid = int(f.read().split("kid")[1].split()[0])
+        os.kill(pid, signal.SIGKILL)
+        self.wait(lambda: (lambda i: i["pid"] not in (None, pid))(self.info("holder")), "restart")
+        self.wait(lambda: open(self.home.log_path("holder", "out")).read().count("bound") == 2,
+                  "the new grandchild bound the same port")
+        self.assertFalse(oxmgr.read_stats(kid) is not None and oxmgr.read_stats(kid).state != "Z")
+
+    def test_restart_frees_the_port_first(self):
+        """restart stops the old process before starting the new one, so the port is free."""
+        port = free_port()
+        code = f"""
+            import os, socket, time
+            s = socket.socket()
+            s.bind(("127.0.0.1", {port}))
+            s.listen()
+            print("ready", os.getpid(), flush=True)
+            time.sleep(600)
+        """
+        self.start_app("web", code)
+        first = self.wait_ready_pid("web")
+        self.cli_ok("restart", "web")
+        second = self.wait_ready_pid("web")
+        self.assertNotEqual(first, second)
+        self.assertEqual(self.info("web")["status"], "running")
+        self.assertEqual(self.info("web")["restart_count"], 1)
+
+    def test_several_targets_ids_namespaces_and_all(self):
+        self.start_app("a", READY_THEN_SLEEP, "--namespace", "web")
+        self.start_app("b", READY_THEN_SLEEP, "--namespace", "web")
+        self.start_app("c", READY_THEN_SLEEP)
+        out = self.cli_ok("stop", "web")
+        self.assertIn("stopped a", out)
+        self.assertIn("stopped b", out)
+        self.assertEqual(self.info("c")["status"], "running")
+        self.cli_ok("start", "web")
+        self.wait_status("a", "running")
+        self.cli_ok("stop", "0", "c")
+        self.assertEqual([self.info(n)["status"] for n in "abc"], ["stopped", "running", "stopped"])
+        self.cli_ok("delete", "all")
+        self.assertEqual(json.loads(self.cli_ok("list", "--json")), [])
+
+    def test_status_of_unknown_app(self):
+        code, out, err = self.cli("status", "nope")
+        self.assertEqual(code, 1)
+        self.assertEqual(err.strip(), "oxmgr: error: process not found: nope")
+        code, _, err = self.cli("stop", "ghost")
+        self.assertEqual((code, err.strip()), (1, "oxmgr: error: process not found: ghost"))
+
+    def test_duplicate_name_and_bad_flags(self):
+        self.start_app("dup", READY_THEN_SLEEP)
+        code, _, err = self.cli("start", python_child(READY_THEN_SLEEP), "--name", "dup")
+        self.assertEqual(code, 1)
+        self.assertIn("already exists", err)
+        for argv in (["start", "x", "--restart", "sometimes"], ["start", "x", "--stop-timeout", "soon"],
+                     ["start", "x", "--env", "NOEQUALS"], ["start", "x", "--stop-signal", "SIGNOPE"],
+                     ["start", "x", "--name", "bad name"], ["frobnicate"]):
+            with self.subTest(argv=argv):
+                with contextlib.redirect_stderr(io.StringIO()):
+                    code, _, err = self.cli(*argv)
+                self.assertEqual(code, 2, err)
+
+    def test_spawn_failure_reports_and_registers_errored(self):
+        code, _, err = self.cli("start", "definitely-not-a-command-xyz --flag", "--name", "typo")
+        self.assertEqual(code, 1)
+        self.assertIn("command not found: 'definitely-not-a-command-xyz'", err)
+        self.assertEqual(self.info("typo")["status"], "errored")
+
+    def test_interpreter_from_extension(self):
+        script = os.path.join(self.tmp, "worker.py")
+        with open(script, "w") as f:
+            f.write("import os, sys, time\nprint('ready', os.getpid(), sys.executable, flush=True)\ntime.sleep(60)\n")
+        shell = os.path.join(self.tmp, "job.sh")
+        with open(shell, "w") as f:
+            f.write("echo shell-ok $$\nexec sleep 60\n")
+        self.cli_ok("start", script)
+        self.wait_ready_pid("worker")
+        info = self.info("worker")
+        self.assertEqual(info["interpreter"], sys.executable)
+        self.cli_ok("start", shell)
+        self.wait_log("job", "shell-ok")
+        self.assertEqual(self.info("job")["interpreter"], "sh")
+
+    @unittest.skipUnless(subprocess.run(["which", "node"], stdout=subprocess.DEVNULL).returncode == 0, "node")
+    def test_interpreter_node_for_js(self):
+        script = os.path.join(self.tmp, "server.js")
+        with open(script, "w") as f:
+            f.write("console.log('ready', process.pid); setInterval(() => {}, 1000);\n")
+        self.cli_ok("start", script)
+        pid = self.wait_ready_pid("server")
+        self.assertEqual(self.info("server")["interpreter"], "node")
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            self.assertIn(b"node", f.read().split(b"\0")[0])
+
+    def test_logs_lines_streams_prefixes_and_flush(self):
+        code = """
+            import sys, time
+            for i in range(5):
+                print("out", i, flush=True)
+                print("err", i, file=sys.stderr, flush=True)
+            print("ready", flush=True)
+            time.sleep(60)
+        """
+        self.start_app("talk", code)
+        self.start_app("quiet", "import time; print('hello from quiet', flush=True); time.sleep(60)")
+        self.wait_log("talk", "ready")
+        self.wait_log("talk", "err 4", "err")
+        self.wait_log("quiet", "hello")
+        out = self.cli_ok("logs", "talk", "--lines", "2", "--out")
+        self.assertEqual(out.splitlines(), ["out 4", "ready"])
+        out = self.cli_ok("logs", "talk", "--err", "--lines", "3")
+        self.assertEqual(out.splitlines(), ["err 2", "err 3", "err 4"])
+        out = self.cli_ok("logs", "--lines", "1")
+        self.assertIn("talk | ready", out)
+        self.assertIn("quiet | hello from quiet", out)
+        lines = [json.loads(x) for x in self.cli_ok("logs", "talk", "--json", "--lines", "1").splitlines()]
+        self.assertEqual(lines, [{"app": "talk", "stream": "out", "line": "ready"},
+                                 {"app": "talk", "stream": "err", "line": "err 4"}])
+        self.cli_ok("flush", "talk")
+        self.assertEqual(self.cli_ok("logs", "talk"), "")
+        self.assertIn("hello", self.cli_ok("logs", "quiet"))
+
+    def test_time_prefix(self):
+        self.start_app("stamped", "import time; print('tick', flush=True); time.sleep(60)", "--time")
+        self.wait_log("stamped", "tick")
+        line = self.cli_ok("logs", "stamped", "--lines", "1").strip()
+        self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d: tick$")
+        self.start_app("custom", "import time; print('tock', flush=True); time.sleep(60)",
+                       "--log-date-format", "YYYY/MM/DD")
+        self.wait_log("custom", "tock")
+        self.assertRegex(self.cli_ok("logs", "custom").strip(), r"^\d{4}/\d\d/\d\d: tock$")
+
+    def test_chatty_app_does_not_stall_the_daemon(self):
+        """While one app floods its pipe, requests are answered and other apps' lines still arrive."""
+        flood = """
+            import os, sys
+            chunk = (b"x" * 1023 + b"\\n") * 64
+            out = sys.stdout.buffer
+            while True:
+                out.write(chunk)
+        """
+        self.start_app("flood", flood)
+        self.wait(lambda: os.path.exists(self.home.log_path("flood", "out"))
+                  and os.path.getsize(self.home.log_path("flood", "out")) > (1 << 20), "flood under way")
+        self.start_app("calm", "import time\nfor i in range(20):\n    print('calm', i, flush=True)\n"
+                               "    time.sleep(0.01)\ntime.sleep(60)")
+        for _ in range(20):
+            self.assertEqual(len(oxmgr.request(self.home, "list", timeout=SHORT_TIMEOUT)["processes"]), 2)
+        self.wait_log("calm", "calm 19")
+        self.assertEqual(self.info("flood")["status"], "running")
+
+    def test_exp_backoff_delays_grow(self):
+        self.start_app("backoff", EXIT_WITH(1), "--exp-backoff", "--restart-delay", "0.05",
+                       "--max-restarts", "4")
+        self.wait_status("backoff", "errored")
+        with open(self.home.daemon_log) as f:
+            delays = [float(line.split("restarting in ")[1].split("ms")[0])
+                      for line in f if "backoff: running -> restarting" in line]
+        self.assertEqual(len(delays), 4, delays)
+        self.assertTrue(all(b > a for a, b in zip(delays, delays[1:])), delays)  # doubling beats +/-10% jitter
+
+    def test_start_delay(self):
+        self.start_app("later", READY_THEN_SLEEP, "--start-delay", "0.1")
+        self.wait_ready_pid("later")
+
+    def test_signal_and_reset(self):
+        self.start_app("sig", PRINT_SIGNALS)
+        self.wait_ready_pid("sig")
+        out = self.cli_ok("signal", "SIGUSR1", "sig")
+        self.assertIn("sent SIGUSR1 to sig", out)
+        self.wait_log("sig", "got SIGUSR1")
+        self.cli_ok("signal", "usr2", "sig")
+        self.wait_log("sig", "got SIGUSR2")
+        self.cli_ok("restart", "sig")
+        self.assertEqual(self.info("sig")["restart_count"], 1)
+        self.cli_ok("reset", "sig")
+        self.assertEqual(self.info("sig")["restart_count"], 0)
+        self.cli_ok("stop", "sig")
+        code, _, err = self.cli("signal", "HUP", "sig")
+        self.assertEqual(code, 1)
+        self.assertIn("no running process", err)
+
+
+@POSIX_ONLY
+class TestDaemonLifecycle(DaemonTestCase):
+
+    def test_kill_9_of_the_daemon_then_any_cli_call(self):
+        """After kill -9 of the daemon, the next CLI call restores every app: one copy each, no orphan."""
+        self.start_app("one", READY_THEN_SLEEP)
+        self.start_app("two", IGNORE_SIGTERM, "--stop-timeout", "0.3")
+        self.start_app("halted", READY_THEN_SLEEP)
+        old = {n: self.wait_ready_pid(n) for n in ("one", "two", "halted")}
+        self.cli_ok("stop", "halted")
+        self.daemon.kill()
+        self.daemon.wait()
+        self.assertTrue(oxmgr.pid_alive(old["one"]))  # orphaned, still running
+        # Any CLI call brings a daemon back (auto-start, detached) which cleans up and restores.
+        self.daemon = None
+        out = self.cli_ok("list")
+        self.assertIn("one", out)
+        self.wait(lambda: not oxmgr.pid_alive(old["one"]) and not oxmgr.pid_alive(old["two"]),
+                  "old children stopped")
+        new = {n: self.wait_ready_pid(n) for n in ("one", "two")}
+        self.assertNotEqual(new["one"], old["one"])
+        self.assertEqual(self.info("halted")["status"], "stopped")
+        for name in ("one", "two"):
+            copies = [p for p in pids_with_env(f"OXMGR_NAME={name}") if self.marker_in(p)]
+            self.assertEqual(copies, [new[name]], f"exactly one {name}")
+
+    def marker_in(self, pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                return self.marker.encode() + b"\0" in f.read() + b"\0"
+        except OSError:
+            return False
+
+    def test_sigterm_to_the_daemon_stops_children_and_next_start_restores(self):
+        """SIGTERM stops every child (in parallel); the next daemon runs what was running."""
+        for name in ("a", "b", "c"):
+            self.start_app(name, IGNORE_SIGTERM if name == "b" else READY_THEN_SLEEP, "--stop-timeout", "0.5")
+        self.start_app("off", READY_THEN_SLEEP)
+        pids = {n: self.wait_ready_pid(n) for n in ("a", "b", "c", "off")}
+        self.cli_ok("stop", "off")
+        self.daemon.send_signal(signal.SIGTERM)
+        self.assertEqual(self.daemon.wait(LONG_TIMEOUT), 0)
+        self.assertEqual(pids_with_env(self.marker), [], "no child left")
+        self.assertFalse(os.path.exists(self.home.sock))
+        with open(self.home.state) as f:
+            state = json.load(f)
+        self.assertEqual({p["name"]: p["desired"] for p in state["processes"]},
+                         {"a": "running", "b": "running", "c": "running", "off": "stopped"})
+        self.start_daemon()
+        for name in ("a", "b", "c"):
+            self.assertNotEqual(self.wait_ready_pid(name), pids[name])
+        self.assertEqual(self.info("off")["status"], "stopped")
+
+    def test_daemon_stop_command_and_status(self):
+        self.start_app("x", READY_THEN_SLEEP)
+        self.wait_ready_pid("x")
+        out = self.cli_ok("daemon", "status")
+        self.assertIn(f"pid {self.daemon.pid}", out)
+        self.assertIn("1 apps", out)
+        out = self.cli_ok("daemon", "stop")
+        self.assertIn("daemon stopped", out)
+        self.assertEqual(self.daemon.wait(LONG_TIMEOUT), 0)
+        self.assertEqual(pids_with_env(self.marker), [])
+        code, out, _ = self.cli("daemon", "status")
+        self.assertEqual(code, 1)
+        self.assertIn("not running", out)
+        self.assertIn("not running", self.cli_ok("daemon", "stop"))
+
+    def test_second_daemon_refuses(self):
+        result = subprocess.run([sys.executable, OXMGR_PY, "daemon", "run"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=LONG_TIMEOUT)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("already running", result.stderr)
+        self.assertIn(str(self.daemon.pid), result.stderr)
+        self.assertTrue(self.daemon_up())
+
+    def test_daemon_run_as_a_script_execs_into_bytecode(self):
+        """`python3 oxmgr.py daemon run` stays the same process but sheds the compiled source."""
+        self.stop_daemon()
+        log = open(os.path.join(self.tmp, "fg.log"), "wb")
+        self.addCleanup(log.close)
+        self.daemon = subprocess.Popen([sys.executable, OXMGR_PY, "daemon", "run"], stdout=log, stderr=log,
+                                       start_new_session=True)
+        ping = self.wait(self.daemon_up, "foreground daemon")
+        self.assertEqual(ping["pid"], self.daemon.pid)  # exec, not fork
+        with open(f"/proc/{self.daemon.pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        self.assertEqual(argv[1:3], [b"-E", b"-S"])
+        self.assertIn(b"marshal", argv[4])
+        self.start_app("fg", READY_THEN_SLEEP)
+        self.wait_ready_pid("fg")
+
+    def test_cli_autostarts_a_detached_daemon(self):
+        self.stop_daemon()
+        self.daemon = None
+        result = self.cli_subprocess("start", python_child(READY_THEN_SLEEP), "--name", "auto")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        ping = oxmgr.request(self.home, "ping")
+        daemon_pid = ping["pid"]
+        self.assertEqual(os.getsid(daemon_pid), daemon_pid)  # its own session
+        with open(f"/proc/{daemon_pid}/cmdline", "rb") as f:
+            self.assertIn(b"-S", f.read().split(b"\0"))
+        self.wait_ready_pid("auto")
+        self.assertIn("started", open(self.home.daemon_log).read())
+        self.cli_ok("daemon", "stop")
+        self.wait(lambda: not oxmgr.pid_alive(daemon_pid), "auto-started daemon gone")
+
+    def test_corrupt_state_recovers_last_good_copy(self):
+        """A corrupt state.json does not stop the daemon; the apps of the last good copy come back."""
+        self.start_app("survivor", READY_THEN_SLEEP)
+        self.wait_ready_pid("survivor")
+        self.cli_ok("reset", "survivor")  # one more save, so the backup holds the running app
+        self.stop_daemon()
+        with open(self.home.state, "w") as f:
+            f.write("{ this is not json")
+        self.start_daemon()
+        self.wait_ready_pid("survivor")
+        self.assertTrue(any(n.startswith("state.json.corrupt-") for n in os.listdir(self.home_dir)))
+        self.assertIn("unreadable", open(self.home.daemon_log).read())
+
+    def test_sighup_reopens_the_daemon_log(self):
+        self.stop_daemon()
+        self.daemon = None
+        result = self.cli_subprocess("daemon", "status")
+        self.assertEqual(result.returncode, 1)
+        self.cli_ok("list")  # auto-start: stdio to daemon.log
+        pid = oxmgr.request(self.home, "ping")["pid"]
+        os.replace(self.home.daemon_log, self.home.daemon_log + ".old")
+        os.kill(pid, signal.SIGHUP)
+        self.wait(lambda: os.path.exists(self.home.daemon_log) and "log reopened" in open(self.home.daemon_log).read(),
+                  "new daemon.log")
+        self.cli_ok("daemon", "stop")
+
+
+@POSIX_ONLY
+class TestIpcSecurity(DaemonTestCase):
+
+    def raw(self, payload, read=True):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(SHORT_TIMEOUT)
+            s.connect(self.home.sock)
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while read:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return [json.loads(x) for x in data.splitlines()]
+
+    def test_socket_and_home_modes(self):
+        self.assertEqual(stat.S_IMODE(os.stat(self.home_dir).st_mode), 0o700)
+        st = os.stat(self.home.sock)
+        self.assertTrue(stat.S_ISSOCK(st.st_mode))
+        self.assertEqual(stat.S_IMODE(st.st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(self.home.state).st_mode), 0o600)
+
+    def test_bad_frames_get_errors_and_the_daemon_lives(self):
+        replies = self.raw(b"garbage\n[1,2]\n" + b'{"op": "frobnicate"}\n' + b'{"op": "stop", "targets": 5}\n'
+                           + b'{"op": "ping"}\n')
+        self.assertEqual([r["ok"] for r in replies], [False, False, False, False, True])
+        self.assertEqual(replies[0]["error"]["type"], "IpcError")
+        self.assertIn("not JSON", replies[0]["error"]["message"])
+        self.assertIn("unknown op 'frobnicate'", replies[2]["error"]["message"])
+        huge = b'{"op": "ping", "pad": "' + b"x" * (oxmgr.MAX_FRAME_BYTES + 10) + b'"}\n{"op": "ping"}\n'
+        replies = self.raw(huge)
+        self.assertEqual([r["ok"] for r in replies], [False, True])
+        self.assertIn("exceeds", replies[0]["error"]["message"])
+        self.raw(b'{"op": "pi', read=False)  # a client that hangs up mid-frame
+        self.assertTrue(self.daemon_up())
+
+    @unittest.skipUnless(IS_ROOT, "needs root to connect as another user")
+    def test_peer_uid_check_refuses_other_users(self):
+        os.chmod(self.home.sock, 0o666)
+        os.chmod(self.tmp, 0o755)  # open every door on purpose: the uid check must still refuse
+        os.chmod(self.home_dir, 0o755)
+        code = textwrap.dedent(f"""
+            import os, socket, sys
+            os.setgid(65534); os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX)
+            s.connect({self.home.sock!r})
+            s.sendall(b'{{"op": "list"}}\\n')
+            print(s.recv(65536).decode())
+        """)
+        result = subprocess.run([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=LONG_TIMEOUT)
+        self.assertTrue(result.stdout.strip(), result.stderr)
+        reply = json.loads(result.stdout.strip().splitlines()[0])
+        self.assertFalse(reply["ok"])
+        self.assertIn("permission denied", reply["error"]["message"])
+        self.assertIn("refused a connection from uid 65534", open(self.home.daemon_log).read())
+
+
+@POSIX_ONLY
+class TestTcpMode(DaemonTestCase):
+    extra_env = {"OXMGR_DAEMON_ADDR": "127.0.0.1:0"}
+
+    def tcp(self, msg):
+        with open(os.path.join(self.home_dir, "daemon.addr")) as f:
+            host, port = oxmgr.parse_address(f.read())
+        with socket.create_connection((host, port), timeout=SHORT_TIMEOUT) as s:
+            s.sendall(oxmgr.encode(msg))
+            return json.loads(s.makefile("rb").readline())
+
+    def test_token_required(self):
+        self.assertEqual(stat.S_IMODE(os.stat(self.home.token).st_mode), 0o600)
+        reply = self.tcp({"op": "list"})
+        self.assertFalse(reply["ok"])
+        self.assertIn("unauthorized", reply["error"]["message"])
+        self.assertFalse(self.tcp({"op": "list", "token": "wrong"})["ok"])
+        with open(self.home.token) as f:
+            token = f.read().strip()
+        self.assertTrue(self.tcp({"op": "list", "token": token})["ok"])
+
+    def test_non_loopback_refused(self):
+        os.environ["OXMGR_DAEMON_ADDR"] = "0.0.0.0:0"
+        other = oxmgr.Home(os.path.join(self.tmp, "other"))
+        os.environ["OXMGR_HOME"] = other.root
+        result = subprocess.run([sys.executable, OXMGR_PY, "daemon", "run"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=LONG_TIMEOUT)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("is not a loopback address", result.stderr)
+        self.assertIn("OXMGR_DAEMON_ALLOW_REMOTE", result.stderr)
+
+
+@POSIX_ONLY
+class TestLogRotationEndToEnd(DaemonTestCase):
+    extra_env = {"OXMGR_LOG_MAX_SIZE_MB": "0.05", "OXMGR_LOG_MAX_FILES": "100"}
+
+    def read_rotated(self, name):
+        path = self.home.log_path(name, "out")
+        files = [path]
+        i = 1
+        while os.path.exists(f"{path}.{i}"):
+            files.insert(0, f"{path}.{i}")
+            i += 1
+        chunks = []
+        for p in files:
+            with open(p, "rb") as f:
+                chunks.append(f.read())
+        return files, b"".join(chunks)
+
+    def test_100k_lines_all_present_in_order_across_rotation(self):
+        """With a small rotation size, 100,000 numbered lines arrive once each, in order."""
+        self.start_app("spew", SPEW_LINES(100_000))
+        self.wait_log("spew", "done", timeout=LONG_TIMEOUT)
+        files, data = self.read_rotated("spew")
+        self.assertGreater(len(files), 10)
+        lines = data.decode().splitlines()
+        self.assertEqual(lines[:-1], ["line %07d" % i for i in range(100_000)])
+        for p in files:
+            self.assertLessEqual(os.path.getsize(p), int(0.05 * (1 << 20)))
+
+    def test_logs_follow_keeps_printing_across_rotation_and_restart(self):
+        ticker = os.path.join(self.tmp, "go")
+        app = f"""
+            import os, sys, time
+            print("ready", os.getpid(), flush=True)
+            while not os.path.exists({ticker!r}):
+                time.sleep(0.01)
+            for i in range(20000):
+                print("n%06d" % i)
+            sys.stdout.flush()
+            print("finished", flush=True)
+            sys.exit(1)
+        """
+        self.start_app("flow", app, "--restart", "never")
+        self.wait_ready_pid("flow")
+        follower = subprocess.Popen([sys.executable, OXMGR_PY, "logs", "flow", "-f", "--lines", "1", "--out"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.addCleanup(lambda: (follower.kill(), follower.wait(), follower.stdout.close(), follower.stderr.close()))
+        reader = LineReader(follower.stdout)
+        first = reader.next_line()
+        self.assertTrue(first.startswith("ready"), first)
+        open(ticker, "w").close()
+        got = []
+        while True:
+            line = reader.next_line()
+            if line == "finished":
+                break
+            got.append(line)
+        self.assertEqual(got, ["n%06d" % i for i in range(20000)])
+        self.assertGreater(len(self.read_rotated("flow")[0]), 2)  # it did rotate meanwhile
+        os.unlink(ticker)
+        self.cli_ok("restart", "flow")  # the follower keeps going across a restart too
+        self.assertTrue(reader.next_line().startswith("ready"))
+
+
+@POSIX_ONLY
+class TestExamples(HomeTestCase):
+
+    def test_cli_walkthrough_runs_clean(self):
+        """examples/cli-walkthrough.sh runs start to end and leaves nothing running."""
+        env = dict(os.environ, PORT=str(free_port()), PYTHON=sys.executable)
+        result = subprocess.run(["sh", os.path.join(HERE, "examples", "cli-walkthrough.sh")], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
+                                timeout=LONG_TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:])
+        self.assertRegex(result.stdout, r"0\s+web\s+default\s+running\s+\d+\s+\S+\s+1\s")  # restarted once
+        self.assertIn("daemon stopped", result.stdout)
+        leaked = pids_with_env(f"OXMGR_HOME={self.home_dir}")
+        kill_pids(leaked)
+        self.assertEqual(leaked, [])
+
+
+class LineReader:
+    """Read lines from a pipe with a deadline (select, no sleeping)."""
+
+    def __init__(self, pipe, timeout=LONG_TIMEOUT):
+        self.fd = pipe.fileno()
+        self.buf = b""
+        self.timeout = timeout
+
+    def next_line(self):
+        deadline = time.monotonic() + self.timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line within {self.timeout}s; have {self.buf[-200:]!r}")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    raise AssertionError(f"stream ended; have {self.buf[-200:]!r}")
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+
+if __name__ == "__main__":
+    unittest.main()
