@@ -76,6 +76,7 @@ STREAM_HIGH_WATER = 8 << 20          # a follower further behind than this is dr
 CLIENT_TIMEOUT_S = 15.0              # quick requests (list, status, ping)
 CLIENT_LONG_TIMEOUT_S = 600.0        # requests that wait for processes to stop
 DAEMON_BOOT_TIMEOUT_S = 10.0
+DAEMON_LOG_MAX_BYTES = 10 << 20      # daemon.log is moved to daemon.log.1 past this, at daemon start
 
 DEFAULT_NAMESPACE = "default"
 DEFAULT_RESTART_POLICY = "on-failure"
@@ -2456,6 +2457,8 @@ class ManagedProcess:
         self._set_status(status, reason)
         if pgid and group_alive(pgid):
             self._pending = self.sup.background(self._reap_group(pgid, signal_stop=True), self.name)
+        else:
+            self.rec.pgid = None
 
     async def _restart_later(self, delay, pgid):
         if pgid and group_alive(pgid):
@@ -2497,6 +2500,10 @@ class ManagedProcess:
                 return
             await self.loop.sleep(pause)
             pause = min(pause * 2, 0.1)
+        if self.rec.pgid == pgid and self.child is None:
+            # Gone for good: a group id kept longer could be reused by a stranger.
+            self.rec.pgid = None
+            self.sup.save_soon()
 
     def _cancel_pending(self):
         if self._pending is not None:
@@ -3674,6 +3681,11 @@ def ensure_daemon(home):
     except DaemonNotRunning:
         pass
     home.ensure()
+    try:
+        if os.path.getsize(home.daemon_log) > DAEMON_LOG_MAX_BYTES:
+            os.replace(home.daemon_log, home.daemon_log + ".1")
+    except OSError:
+        pass  # no log yet
     proc = spawn_detached(daemon_argv(home, log_file=home.daemon_log, pyc=_daemon_bytecode(home)),
                           home.daemon_log)
     deadline = time.monotonic() + DAEMON_BOOT_TIMEOUT_S
@@ -3876,10 +3888,11 @@ def _args_daemon(p):
     import argparse
     dsub = p.add_subparsers(dest="daemon_command", metavar="<run|stop|status>")
     dsub.required = True
-    d = dsub.add_parser("run", help="run the daemon in the foreground")
+    kw = {"formatter_class": p.formatter_class}
+    d = dsub.add_parser("run", help="run the daemon in the foreground", **kw)
     d.add_argument("--log-file", help=argparse.SUPPRESS)
-    dsub.add_parser("stop", help="stop the daemon and its apps (they run again next time)")
-    _args_json(dsub.add_parser("status", help="is the daemon running"))
+    dsub.add_parser("stop", help="stop the daemon and its apps (they run again next time)", **kw)
+    _args_json(dsub.add_parser("status", help="is the daemon running", **kw))
 
 
 # (names, help, arguments): the subcommands, in --help order.
@@ -3905,14 +3918,24 @@ def _build_parser(only=None):
     argparse's gettext lookups, and the CLI's start-up time is the product.
     """
     import argparse
+
+    class Formatter(argparse.HelpFormatter):
+        # argparse sizes help with shutil, which drags in bz2, lzma and zlib.
+        def __init__(self, prog):
+            try:
+                width = int(os.environ.get("COLUMNS") or os.get_terminal_size(sys.__stdout__.fileno()).columns)
+            except (OSError, ValueError, AttributeError):
+                width = 80
+            super().__init__(prog, width=max(40, width - 2))
+
     parser = argparse.ArgumentParser(
         prog="oxmgr", description="A process manager in one file: keeps apps alive, keeps their logs.",
-        epilog="Run 'oxmgr <command> --help' for a command's options.")
+        epilog="Run 'oxmgr <command> --help' for a command's options.", formatter_class=Formatter)
     parser.add_argument("--version", action="version", version=f"oxmgr {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for names, helptext, add_args in _SUBCOMMANDS:
         if only is None or only in names:
-            add_args(sub.add_parser(names[0], aliases=list(names[1:]), help=helptext))
+            add_args(sub.add_parser(names[0], aliases=list(names[1:]), help=helptext, formatter_class=Formatter))
     return parser
 
 

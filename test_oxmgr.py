@@ -1424,6 +1424,28 @@ class TestEndToEnd(DaemonTestCase):
         self.cli_ok("delete", "all")
         self.assertEqual(json.loads(self.cli_ok("list", "--json")), [])
 
+    def test_client_path_stays_light(self):
+        """list and status load no asyncio, subprocess or selectors: start-up time is the product."""
+        self.start_app("light", READY_THEN_SLEEP)
+        code = ("import sys; sys.path.insert(0, %r); import oxmgr, contextlib, io\n"
+                "with contextlib.redirect_stdout(io.StringIO()):\n"
+                "    assert oxmgr.main(['list']) == 0 and oxmgr.main(['status', 'light']) == 0\n"
+                "print(' '.join(sorted(sys.modules)))" % HERE)
+        result = subprocess.run([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=LONG_TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        loaded = set(result.stdout.split())
+        self.assertIn("oxmgr", loaded)
+        for heavy in ("asyncio", "subprocess", "threading", "dataclasses", "hashlib", "shutil", "lzma"):
+            self.assertNotIn(heavy, loaded)
+
+    def test_pgid_forgotten_once_the_group_is_gone(self):
+        self.start_app("brief", EXIT_WITH(0))
+        self.wait_status("brief", "stopped")
+        with open(self.home.state) as f:
+            record = [p for p in json.load(f)["processes"] if p["name"] == "brief"][0]
+        self.assertIsNone(record["pgid"])
+
     def test_status_of_unknown_app(self):
         code, out, err = self.cli("status", "nope")
         self.assertEqual(code, 1)
@@ -1684,6 +1706,15 @@ class TestDaemonLifecycle(DaemonTestCase):
         self.wait_ready_pid("survivor")
         self.assertTrue(any(n.startswith("state.json.corrupt-") for n in os.listdir(self.home_dir)))
         self.assertIn("unreadable", open(self.home.daemon_log).read())
+
+    def test_big_daemon_log_is_rotated_at_start(self):
+        self.stop_daemon()
+        self.daemon = None
+        with open(self.home.daemon_log, "wb") as f:
+            f.truncate(oxmgr.DAEMON_LOG_MAX_BYTES + 1)
+        self.cli_ok("list")
+        self.assertGreater(os.path.getsize(self.home.daemon_log + ".1"), oxmgr.DAEMON_LOG_MAX_BYTES)
+        self.assertLess(os.path.getsize(self.home.daemon_log), 1 << 20)
 
     def test_sighup_reopens_the_daemon_log(self):
         self.stop_daemon()
