@@ -198,45 +198,36 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1
                "g": 1 << 30, "gb": 1 << 30, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
 
-def parse_duration(value, default_unit="s"):
-    """Return seconds for "500ms", "2s", "1.5m", "3h" or a bare number.
-
-    A bare number is in `default_unit` ("s", or "ms" for PM2 files).
-    """
+def _scaled_number(value, units, default_unit, expected):
+    """Return number * units[unit] for "1.5m", "150M" or a bare number; ValueError otherwise."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a duration like '5s' or '500ms', got {value!r}")
+        raise ValueError(f"expected {expected}, got {value!r}")
     if isinstance(value, (int, float)):
         number, unit = float(value), default_unit
     else:
         text = str(value).strip().lower()
         digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(digits):] or default_unit
+        unit = text[len(digits):].strip() or default_unit
         try:
             number = float(digits)
         except ValueError:
-            raise ValueError(f"expected a duration like '5s' or '500ms', got {value!r}") from None
-    if unit not in _DURATION_UNITS or number != number or number < 0 or number == float("inf"):
-        raise ValueError(f"expected a duration like '5s' or '500ms', got {value!r}")
-    return number * _DURATION_UNITS[unit]
+            number = -1.0
+    if unit not in units or number != number or number < 0 or number == float("inf"):
+        raise ValueError(f"expected {expected}, got {value!r}")
+    return number * units[unit]
+
+
+def parse_duration(value, default_unit="s"):
+    """Return seconds for "500ms", "2s", "1.5m", "3h" or a bare number.
+
+    A bare number is in `default_unit` ("s", or "ms" for PM2 files).
+    """
+    return _scaled_number(value, _DURATION_UNITS, default_unit, "a duration like '5s' or '500ms'")
 
 
 def parse_size(value):
     """Return bytes for "150M", "1G", "512K", "2048" (bytes) and the like."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a size like '200M', got {value!r}")
-    if isinstance(value, (int, float)):
-        number, unit = float(value), ""
-    else:
-        text = str(value).strip().lower()
-        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = text[len(digits):].strip()
-        try:
-            number = float(digits)
-        except ValueError:
-            raise ValueError(f"expected a size like '200M', got {value!r}") from None
-    if unit not in _SIZE_UNITS or number != number or number < 0 or number == float("inf"):
-        raise ValueError(f"expected a size like '200M', got {value!r}")
-    return int(number * _SIZE_UNITS[unit])
+    return int(_scaled_number(value, _SIZE_UNITS, "", "a size like '200M'"))
 
 
 def format_bytes(n):
