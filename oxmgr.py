@@ -16,7 +16,7 @@ Python 3.8 or newer. Linux is the tested platform; macOS uses the same POSIX
 code. Windows support is not there yet: the platform section says where it
 goes.
 
-The daemon runs on a small coroutine runtime over ``selectors`` (section 11)
+The daemon runs on a small coroutine runtime over ``selectors`` (section 12)
 instead of asyncio: importing asyncio alone costs ~39 ms and ~7 MiB here,
 which is more than the whole daemon's budget for boot time and memory.
 
@@ -28,15 +28,16 @@ Sections (``grep -n '^# [0-9]\\+\\. ' oxmgr.py``):
      5. Platform layer
      6. Metrics
      7. Config model
-     8. State store and paths
-     9. Logs
-    10. IPC protocol
-    11. Event loop (the only place that knows about selectors)
-    12. Supervisor core (async)
-    13. Daemon (async)
-    14. Client (sync)
-    15. CLI
-    16. Entry point
+     8. Config files: oxfile.toml and PM2 ecosystem files
+     9. State store and paths
+    10. Logs
+    11. IPC protocol
+    12. Event loop (the only place that knows about selectors)
+    13. Supervisor core (async)
+    14. Daemon (async)
+    15. Client (sync)
+    16. CLI
+    17. Entry point
 """
 
 # =============================================================================
@@ -90,6 +91,13 @@ DEFAULT_BACKOFF_FACTOR = 2.0
 BACKOFF_JITTER = 0.1                 # +/- 10 % so a fleet does not restart in lockstep
 CRASH_WINDOW_S = 300.0               # crash_restart_limit counts restarts in this window
 DEFAULT_INSTANCE_VAR = "NODE_APP_INSTANCE"
+DEFAULT_HEALTH_INTERVAL_S = 30.0
+DEFAULT_HEALTH_TIMEOUT_S = 5.0
+DEFAULT_HEALTH_MAX_FAILURES = 3
+DEFAULT_READY_TIMEOUT_S = 30.0
+DEFAULT_WATCH_DELAY_S = 1.0
+NODE_EVAL_TIMEOUT_S = 15.0           # evaluating an ecosystem.config.js with node
+CONFIG_SUFFIXES = (".toml", ".json", ".json5", ".js", ".cjs", ".mjs")
 DEFAULT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 STDERR_TAIL_LINES = 20               # last stderr lines kept for crash reports
 
@@ -995,6 +1003,189 @@ def _v_date_format(value):
     return _moment_to_strftime(_v_str(value))
 
 
+def _v_str_list_nonempty(value):
+    items = _v_str_list(value)
+    if any(not item.strip() for item in items):
+        raise ValueError("expected non-empty strings")
+    return items
+
+
+def _v_names(value):
+    return [validate_name(n) for n in _v_str_list(value)]
+
+
+def _v_int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {value!r}") from None
+    if number != float(value):
+        raise ValueError(f"expected a whole number, got {value!r}")
+    return number
+
+
+def _v_positive_count(value):
+    number = _v_count(value)
+    if number < 1:
+        raise ValueError(f"expected a whole number >= 1, got {value!r}")
+    return number
+
+
+def _v_size(value):
+    return parse_size(value)
+
+
+def _v_percent(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"expected a percentage like 80, got {value!r}")
+    try:
+        number = float(str(value).rstrip("%"))
+    except ValueError:
+        raise ValueError(f"expected a percentage like 80, got {value!r}") from None
+    if not 0 <= number <= 100000:
+        raise ValueError(f"expected a percentage >= 0, got {value!r}")
+    return number
+
+
+def _v_host_port(value):
+    text = _v_str(value).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected host:port like 127.0.0.1:3000, got {value!r}")
+    return text
+
+
+def _v_url(value):
+    text = _v_str(value).strip()
+    scheme, sep, rest = text.partition("://")
+    if scheme.lower() not in ("http", "https") or not sep or not rest.split("/", 1)[0]:
+        raise ValueError(f"expected a URL like http://127.0.0.1:3000/health, got {value!r}")
+    return text
+
+
+def _v_listen(value):
+    out = []
+    for item in _v_str_list(value):
+        text = item.strip()
+        if text.startswith("unix:"):
+            if not text[5:]:
+                raise ValueError(f"expected unix:/path/to.sock, got {item!r}")
+        elif text.startswith("tcp://"):
+            _v_host_port(text[6:])
+        else:
+            raise ValueError(f"expected tcp://host:port or unix:/path, got {item!r}")
+        out.append(text)
+    return out
+
+
+def _v_cron(value):
+    if value is None or value == "":
+        return None
+    text = " ".join(_v_str(value).split())
+    parse_cron(text)
+    return text
+
+
+_CRON_NAMES = {
+    "jan": 1, "feb": 2, "mar": 3, "apr": 4, "may": 5, "jun": 6, "jul": 7, "aug": 8, "sep": 9,
+    "oct": 10, "nov": 11, "dec": 12, "sun": 0, "mon": 1, "tue": 2, "wed": 3, "thu": 4, "fri": 5, "sat": 6,
+}
+_CRON_ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+                 "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *",
+                 "@hourly": "0 * * * *"}
+
+
+class CronSchedule:
+    """A parsed cron expression: 5 fields, or 6 with seconds first (as PM2)."""
+
+    __slots__ = ("text", "seconds", "minutes", "hours", "days", "months", "weekdays", "_any_day", "_any_weekday")
+
+    def __init__(self, text, seconds, minutes, hours, days, months, weekdays, any_day, any_weekday):
+        self.text = text
+        self.seconds, self.minutes, self.hours = seconds, minutes, hours
+        self.days, self.months, self.weekdays = days, months, weekdays
+        self._any_day, self._any_weekday = any_day, any_weekday
+
+    def _day_matches(self, t):
+        day = t.tm_mday in self.days
+        weekday = (t.tm_wday + 1) % 7 in self.weekdays   # tm_wday: Monday=0; cron: Sunday=0
+        if self._any_day or self._any_weekday:
+            return day and weekday
+        return day or weekday  # both restricted: either matches, as in Vixie cron
+
+    def next_after(self, when):
+        """Return the first fire time (epoch seconds, local time) after `when`."""
+        t = int(when) + 1
+        limit = t + 366 * 86400 * 5
+        while t < limit:
+            lt = time.localtime(t)
+            if lt.tm_mon not in self.months or not self._day_matches(lt):
+                t = int(time.mktime((lt.tm_year, lt.tm_mon, lt.tm_mday, 0, 0, 0, 0, 0, -1))) + 86400
+                t = int(time.mktime(time.localtime(t)[:3] + (0, 0, 0, 0, 0, -1)))
+                continue
+            if lt.tm_hour not in self.hours:
+                t += 3600 - lt.tm_min * 60 - lt.tm_sec
+                continue
+            if lt.tm_min not in self.minutes:
+                t += 60 - lt.tm_sec
+                continue
+            if lt.tm_sec not in self.seconds:
+                t += 1
+                continue
+            return float(t)
+        raise ValueError(f"cron {self.text!r} never fires")  # pragma: no cover
+
+
+def _cron_field(text, low, high, what):
+    values = set()
+    for part in text.split(","):
+        body, _, step_text = part.partition("/")
+        step = 1
+        if step_text:
+            if not step_text.isdigit() or int(step_text) == 0:
+                raise ValueError(f"bad step {step_text!r} in {what} field {text!r}")
+            step = int(step_text)
+        if body == "*":
+            start, end = low, high
+        else:
+            a, dash, b = body.partition("-")
+            try:
+                start = _CRON_NAMES[a.lower()] if a.lower() in _CRON_NAMES else int(a)
+                end = (_CRON_NAMES[b.lower()] if b.lower() in _CRON_NAMES else int(b)) if dash else \
+                    (high if step_text else start)
+            except ValueError:
+                raise ValueError(f"bad value {body!r} in {what} field {text!r}") from None
+            if what == "weekday":
+                if dash and end == 0 and start > 0:
+                    end = 7  # mon-sun: Sunday at the end of the week
+            top = high + 1 if what == "weekday" else high  # weekday 7 is Sunday too
+            if not (low <= start <= top and low <= end <= top):
+                raise ValueError(f"{body!r} is outside {low}-{high} in {what} field {text!r}")
+            if start > end:
+                raise ValueError(f"range {body!r} runs backwards in {what} field {text!r}")
+        values.update(v % 7 if what == "weekday" else v for v in range(start, end + 1, step))
+    return frozenset(values)
+
+
+def parse_cron(text):
+    """Parse a cron expression into a CronSchedule; ValueError says what is wrong."""
+    text = " ".join(str(text).split())
+    expanded = _CRON_ALIASES.get(text.lower(), text)
+    fields = expanded.split()
+    if len(fields) == 5:
+        fields = ["0"] + fields
+    if len(fields) != 6:
+        raise ValueError(f"expected 5 fields (min hour day month weekday) or 6 (with seconds first), "
+                         f"got {len(fields)} in {text!r}")
+    sec, minute, hour, day, month, weekday = fields
+    return CronSchedule(
+        text, _cron_field(sec, 0, 59, "second"), _cron_field(minute, 0, 59, "minute"),
+        _cron_field(hour, 0, 23, "hour"), _cron_field(day, 1, 31, "day"), _cron_field(month, 1, 12, "month"),
+        _cron_field(weekday, 0, 6, "weekday"), day == "*", weekday == "*")
+
+
 # The fields of an app, with their defaults and validators. The order is the
 # order of `status` output and of converted config files.
 _SPEC_FIELDS = (
@@ -1022,10 +1213,36 @@ _SPEC_FIELDS = (
     ("err_file", None, _v_opt_str),
     ("instance", None, _v_opt_count),              # index when expanded from instances = N
     ("instance_var", DEFAULT_INSTANCE_VAR, _v_str),
+    ("instances", 1, _v_positive_count),           # size of the group this instance belongs to
+    ("base_name", None, _v_opt_str),               # the app's name before expansion (a target)
+    ("depends_on", None, _v_names),                # base names started (and ready) first
+    ("start_order", 0, _v_int),                    # tie-break among apps whose dependencies are met
+    ("combined_file", None, _v_opt_str),           # both streams in one file (PM2 log_file)
+    ("merge_logs", False, _v_bool),                # instances share the base name's log files
+    ("log_max_bytes", None, _v_size),              # per-app rotation; None: the daemon's setting
+    ("log_max_files", None, _v_opt_count),
+    ("log_max_age_s", None, _v_seconds),
+    ("health_cmd", None, _v_opt_str),
+    ("health_http", None, _v_url),
+    ("health_tcp", None, _v_host_port),
+    ("health_interval_s", DEFAULT_HEALTH_INTERVAL_S, _v_seconds),
+    ("health_timeout_s", DEFAULT_HEALTH_TIMEOUT_S, _v_seconds),
+    ("health_max_failures", DEFAULT_HEALTH_MAX_FAILURES, _v_positive_count),
+    ("wait_ready", False, _v_bool),
+    ("ready_tcp", None, _v_host_port),
+    ("ready_timeout_s", DEFAULT_READY_TIMEOUT_S, _v_seconds),
+    ("max_memory_bytes", 0, _v_size),              # 0: no limit
+    ("max_cpu_percent", 0.0, _v_percent),          # 0: no limit
+    ("watch", None, _v_str_list_nonempty),         # paths; relative ones are under cwd
+    ("ignore_watch", None, _v_str_list_nonempty),
+    ("watch_delay_s", DEFAULT_WATCH_DELAY_S, _v_seconds),
+    ("cron_restart", None, _v_cron),
+    ("listen", None, _v_listen),                   # sockets held by the daemon, passed as fd 3...
 )
 _SPEC_DEFAULTS = {name: default for name, default, _ in _SPEC_FIELDS}
 _SPEC_VALIDATORS = {name: check for name, _, check in _SPEC_FIELDS}
-_MUTABLE_DEFAULTS = {"env": dict, "interpreter_args": list, "stop_exit_codes": list}
+_MUTABLE_DEFAULTS = {"env": dict, "interpreter_args": list, "stop_exit_codes": list, "depends_on": list,
+                     "watch": list, "ignore_watch": list, "listen": list}
 
 
 class AppSpec:
@@ -1055,16 +1272,19 @@ class AppSpec:
         if unknown:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}; remove it or check its spelling")
         values = {}
+        errors = []
         for key, value in data.items():
             if value is None and _SPEC_DEFAULTS[key] is None:
                 continue
             try:
                 values[key] = _SPEC_VALIDATORS[key](value)
             except ValueError as exc:
-                raise ConfigError(f"{where}: {key}: {exc}") from None
+                errors.append(f"{where}: {key}: {exc}")
         for key in ("name", "command"):
-            if not values.get(key):
-                raise ConfigError(f"{where}: {key} is required")
+            if key not in values and not any(f": {key}: " in e for e in errors):
+                errors.append(f"{where}: {key} is required")
+        if errors:
+            raise ConfigError("\n".join(errors))
         return cls(**values)
 
     def to_dict(self):
@@ -1157,7 +1377,1488 @@ def child_environment(spec, base_env, app_id):
     return env
 
 # =============================================================================
-# 8. State store and paths
+# 8. Config files: oxfile.toml and PM2 ecosystem files
+# =============================================================================
+#
+# Both formats become the same AppSpec. Each reader returns plain data; one
+# mapper per format turns its keys (with its own units) into AppSpec fields;
+# expansion, ordering and the dependency checks are shared. Every problem is
+# collected as "file: app 'name': key: what is wrong", so `validate` can list
+# them all at once.
+
+
+class Config:
+    """Apps loaded from config files: expanded, ordered, with warnings."""
+
+    def __init__(self):
+        self.apps = []          # AppSpec per instance, in start order, after --only
+        self.groups = []        # (file, first instance's AppSpec, {profile: overrides}, fields): for convert
+        self.all_names = []     # every expanded name in the files, before --only (prune scope)
+        self.warnings = []
+        self.files = []
+
+
+class _Problems:
+    """Collect config problems; raise them together as one ConfigError."""
+
+    def __init__(self):
+        self.lines = []
+
+    def add(self, where, key, message):
+        self.lines.append(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+    def check(self):
+        if self.lines:
+            raise ConfigError("\n".join(self.lines))
+
+
+# -- environment expansion -------------------------------------------------------
+
+_VAR_PATTERN = r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)"
+
+
+def expand_vars(text, environ=None, missing=None):
+    """Expand $VAR, ${VAR}, ${VAR:-default} and a leading ~, as a shell would.
+
+    An unset variable becomes "" and its name is appended to `missing`;
+    $$ is a literal $.
+    """
+    import re
+    environ = os.environ if environ is None else environ
+
+    def sub(m):
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1) or m.group(3)
+        default = m.group(2)
+        value = environ.get(name)
+        if value is not None and (value or default is None):
+            return value
+        if default is not None:
+            return default
+        if missing is not None:
+            missing.append(name)
+        return ""
+
+    out = re.sub(_VAR_PATTERN, sub, text)
+    if out == "~" or out.startswith("~/"):
+        out = os.path.expanduser(out)
+    return out
+
+
+# -- TOML ---------------------------------------------------------------------------
+
+
+def toml_loads(text, path, builtin=False):
+    """Parse TOML with tomllib (3.11+), else tomli, else the built-in subset reader."""
+    if not builtin:
+        try:
+            import tomllib as toml
+        except ImportError:
+            try:
+                import tomli as toml
+            except ImportError:
+                toml = None
+        if toml is not None:
+            try:
+                return toml.loads(text)
+            except toml.TOMLDecodeError as exc:
+                import re
+                # "... (at line 4, column 11)" -> "path:4:11: ...", as the built-in reader says it
+                m = re.search(r"\s*\(at line (\d+), column (\d+)\)\s*$", str(exc))
+                where = f"{path}:{m.group(1)}:{m.group(2)}" if m else path
+                message = str(exc)[:m.start()] if m else str(exc)
+                raise ConfigError(f"{where}: invalid TOML: {message}") from None
+    return _MiniToml(text, path).parse()
+
+
+_BARE_KEY = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_TOML_ESCAPES = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", '"': '"', "\\": "\\"}
+
+
+class _MiniToml:
+    """Read the TOML subset oxfiles use, for Python < 3.11 without tomli.
+
+    Tables, arrays of tables, dotted keys, the four string kinds, integers,
+    floats, booleans, arrays and inline tables. Dates and times, and table
+    layouts that need TOML's finer redefinition rules, are errors that name
+    the line: never a guessed value.
+    """
+
+    def __init__(self, text, path):
+        self.src = text
+        self.pos = 0
+        self.path = path
+        self.root = {}
+        self.headers = set()     # ids of tables opened by a [header]
+        self.dotted = set()      # ids of tables made by dotted keys
+        self.frozen = set()      # ids of inline tables and static arrays
+        self.aot = set()         # ids of lists made by [[header]]
+
+    def error(self, message, pos=None):
+        pos = self.pos if pos is None else pos
+        line = self.src.count("\n", 0, pos) + 1
+        col = pos - (self.src.rfind("\n", 0, pos) + 1) + 1
+        raise ConfigError(f"{self.path}:{line}:{col}: {message}")
+
+    def unsupported(self, what):
+        self.error(f"{what} is outside the TOML subset the built-in reader handles; "
+                   f"use Python 3.11+ or install tomli")
+
+    def peek(self, n=1):
+        return self.src[self.pos:self.pos + n]
+
+    def skip_ws(self):
+        while self.pos < len(self.src) and self.src[self.pos] in " \t":
+            self.pos += 1
+
+    def skip_comment(self):
+        if self.peek() == "#":
+            end = self.src.find("\n", self.pos)
+            self.pos = len(self.src) if end < 0 else end
+
+    def skip_blank(self):
+        """Skip whitespace, comments and newlines (between statements or in arrays)."""
+        while True:
+            self.skip_ws()
+            self.skip_comment()
+            if self.peek() == "\n":
+                self.pos += 1
+            elif self.peek(2) == "\r\n":
+                self.pos += 2
+            else:
+                return
+
+    def end_of_line(self):
+        self.skip_ws()
+        self.skip_comment()
+        if self.pos >= len(self.src):
+            return
+        if self.peek() == "\n":
+            self.pos += 1
+        elif self.peek(2) == "\r\n":
+            self.pos += 2
+        else:
+            self.error(f"expected the end of the line, found {self.peek()!r}")
+
+    def parse(self):
+        table = self.root
+        while True:
+            self.skip_blank()
+            if self.pos >= len(self.src):
+                return self.root
+            if self.peek(2) == "[[":
+                self.pos += 2
+                table = self.open_array_table(self.parse_key("]]"))
+                if self.peek(2) != "]]":
+                    self.error("expected ']]' to close the array-of-tables header")
+                self.pos += 2
+            elif self.peek() == "[":
+                self.pos += 1
+                table = self.open_table(self.parse_key("]"))
+                if self.peek() != "]":
+                    self.error("expected ']' to close the table header")
+                self.pos += 1
+            else:
+                self.key_value(table, inline=False)
+            self.end_of_line()
+
+    def parse_key(self, closer=None):
+        keys = []
+        while True:
+            self.skip_ws()
+            c = self.peek()
+            if c == '"':
+                if self.peek(3) == '"""':
+                    self.error("a key cannot be a multi-line string")
+                keys.append(self.basic_string())
+            elif c == "'":
+                if self.peek(3) == "'''":
+                    self.error("a key cannot be a multi-line string")
+                keys.append(self.literal_string())
+            else:
+                start = self.pos
+                while self.pos < len(self.src) and self.src[self.pos] in _BARE_KEY:
+                    self.pos += 1
+                if start == self.pos:
+                    self.error(f"expected a key, found {c!r}" if c else "expected a key, found the end of the file")
+                keys.append(self.src[start:self.pos])
+            self.skip_ws()
+            if self.peek() != ".":
+                return keys
+            self.pos += 1
+
+    def descend(self, table, key, pos):
+        """Step into a parent table for a header; arrays of tables give their last element."""
+        node = table.get(key)
+        if node is None:
+            node = table[key] = {}
+            return node
+        if isinstance(node, list) and id(node) in self.aot:
+            return node[-1]
+        if not isinstance(node, dict) or id(node) in self.frozen:
+            self.error(f"{key!r} is already a value, not a table", pos)
+        return node
+
+    def open_table(self, keys):
+        pos = self.pos
+        table = self.root
+        for key in keys[:-1]:
+            table = self.descend(table, key, pos)
+        last = keys[-1]
+        node = table.get(last)
+        if node is None:
+            node = table[last] = {}
+        elif not isinstance(node, dict) or id(node) in self.frozen:
+            self.error(f"table {'.'.join(keys)!r} is already defined as a value", pos)
+        elif id(node) in self.headers or id(node) in self.dotted:
+            self.error(f"table {'.'.join(keys)!r} is defined twice", pos)
+        self.headers.add(id(node))
+        return node
+
+    def open_array_table(self, keys):
+        pos = self.pos
+        table = self.root
+        for key in keys[:-1]:
+            table = self.descend(table, key, pos)
+        last = keys[-1]
+        arr = table.get(last)
+        if arr is None:
+            arr = table[last] = []
+            self.aot.add(id(arr))
+        elif not isinstance(arr, list) or id(arr) not in self.aot:
+            self.error(f"{'.'.join(keys)!r} is already defined and is not an array of tables", pos)
+        node = {}
+        arr.append(node)
+        self.headers.add(id(node))
+        return node
+
+    def key_value(self, table, inline):
+        pos = self.pos
+        keys = self.parse_key()
+        if self.peek() != "=":
+            self.error(f"expected '=' after the key {'.'.join(keys)!r}")
+        self.pos += 1
+        self.skip_ws()
+        value = self.value()
+        for key in keys[:-1]:
+            node = table.get(key)
+            if node is None:
+                node = table[key] = {}
+                self.dotted.add(id(node))
+            elif not isinstance(node, dict) or id(node) not in self.dotted:
+                if isinstance(node, dict) and id(node) not in self.frozen:
+                    self.unsupported("a dotted key into a table defined elsewhere")
+                self.error(f"{key!r} is already a value, not a table", pos)
+            table = node
+        if keys[-1] in table:
+            self.error(f"key {'.'.join(keys)!r} is defined twice", pos)
+        table[keys[-1]] = value
+
+    def value(self):
+        c = self.peek()
+        if c == '"':
+            return self.multiline_basic() if self.peek(3) == '"""' else self.basic_string()
+        if c == "'":
+            return self.multiline_literal() if self.peek(3) == "'''" else self.literal_string()
+        if c == "[":
+            return self.array()
+        if c == "{":
+            return self.inline_table()
+        for word, val in (("true", True), ("false", False)):
+            if self.src.startswith(word, self.pos) and not self._bare_follows(len(word)):
+                self.pos += len(word)
+                return val
+        return self.number()
+
+    def _bare_follows(self, n):
+        nxt = self.src[self.pos + n:self.pos + n + 1]
+        return bool(nxt) and nxt in _BARE_KEY
+
+    def number(self):
+        import re
+        start = self.pos
+        m = re.compile(r"[0-9+\-_.eExobXOBa-fA-F:infatTzZ ]*").match(self.src, self.pos)
+        token = m.group(0).split(" ")[0] if m else ""
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}.*|\d{2}:\d{2}.*", token):
+            self.unsupported("a date or time")
+        m = re.compile(r"[+-]?(inf|nan)(?![A-Za-z0-9_-])").match(self.src, self.pos)
+        if m:
+            self.pos = m.end()
+            return float(m.group(0))
+        for prefix, base, digits in (("0x", 16, "0-9A-Fa-f"), ("0o", 8, "0-7"), ("0b", 2, "01")):
+            m = re.compile(rf"{prefix}([{digits}](?:_?[{digits}])*)(?![A-Za-z0-9_.-])").match(self.src, self.pos)
+            if m:
+                self.pos = m.end()
+                return int(m.group(1).replace("_", ""), base)
+        m = re.compile(r"[+-]?(?:0|[1-9](?:_?[0-9])*)(\.[0-9](?:_?[0-9])*)?([eE][+-]?[0-9](?:_?[0-9])*)?"
+                       r"(?![A-Za-z0-9_.:-])").match(self.src, self.pos)
+        if m and m.end() > start:
+            self.pos = m.end()
+            text = m.group(0).replace("_", "")
+            return float(text) if (m.group(1) or m.group(2)) else int(text)
+        self.error(f"expected a value (string, number, true/false, array or table), found {token or self.peek()!r}",
+                   start)
+
+    def basic_string(self):
+        self.pos += 1
+        out = []
+        while True:
+            if self.pos >= len(self.src):
+                self.error("unterminated string")
+            c = self.src[self.pos]
+            if c == '"':
+                self.pos += 1
+                return "".join(out)
+            if c == "\n":
+                self.error("unterminated string (a newline inside \"...\"; use \"\"\"...\"\"\" for several lines)")
+            if c == "\\":
+                out.append(self.escape())
+                continue
+            if (c < " " and c != "\t") or c == "\x7f":
+                self.error(f"control character {c!r} in a string; escape it")
+            out.append(c)
+            self.pos += 1
+
+    def escape(self):
+        c = self.src[self.pos + 1:self.pos + 2]
+        if c in _TOML_ESCAPES:
+            self.pos += 2
+            return _TOML_ESCAPES[c]
+        if c in ("u", "U"):
+            n = 4 if c == "u" else 8
+            digits = self.src[self.pos + 2:self.pos + 2 + n]
+            if len(digits) != n or any(d not in "0123456789abcdefABCDEF" for d in digits):
+                self.error(f"bad \\{c} escape: expected {n} hex digits")
+            code = int(digits, 16)
+            if code > 0x10FFFF or 0xD800 <= code <= 0xDFFF:
+                self.error(f"\\{c}{digits} is not a Unicode scalar value")
+            self.pos += 2 + n
+            return chr(code)
+        self.error(f"unknown escape \\{c}")
+
+    def multiline_basic(self):
+        self.pos += 3
+        if self.peek() == "\n":
+            self.pos += 1
+        elif self.peek(2) == "\r\n":
+            self.pos += 2
+        out = []
+        while True:
+            if self.pos >= len(self.src):
+                self.error('unterminated """ string')
+            if self.peek(3) == '"""':
+                extra = 0
+                while extra < 2 and self.src[self.pos + 3 + extra:self.pos + 4 + extra] == '"':
+                    extra += 1
+                out.append('"' * extra)
+                self.pos += 3 + extra
+                return "".join(out)
+            c = self.src[self.pos]
+            if c == "\\":
+                rest = self.pos + 1
+                while rest < len(self.src) and self.src[rest] in " \t":
+                    rest += 1
+                if self.src[rest:rest + 1] == "\n" or self.src[rest:rest + 2] == "\r\n":
+                    # a line-ending backslash trims the newline and the indentation after it
+                    self.pos = rest
+                    while self.pos < len(self.src) and self.src[self.pos] in " \t\r\n":
+                        self.pos += 1
+                    continue
+                out.append(self.escape())
+                continue
+            if c == "\r" and self.peek(2) == "\r\n":
+                out.append("\n")
+                self.pos += 2
+                continue
+            if (c < " " and c not in "\t\n") or c == "\x7f":
+                self.error(f"control character {c!r} in a string; escape it")
+            out.append(c)
+            self.pos += 1
+
+    def literal_string(self):
+        end = self.src.find("'", self.pos + 1)
+        newline = self.src.find("\n", self.pos + 1)
+        if end < 0 or (0 <= newline < end):
+            self.error("unterminated string")
+        text = self.src[self.pos + 1:end]
+        if any((c < " " and c != "\t") or c == "\x7f" for c in text):
+            self.error("control character in a literal string")
+        self.pos = end + 1
+        return text
+
+    def multiline_literal(self):
+        self.pos += 3
+        if self.peek() == "\n":
+            self.pos += 1
+        elif self.peek(2) == "\r\n":
+            self.pos += 2
+        end = self.src.find("'''", self.pos)
+        if end < 0:
+            self.error("unterminated ''' string")
+        extra = 0
+        while extra < 2 and self.src[end + 3 + extra:end + 4 + extra] == "'":
+            extra += 1
+        text = self.src[self.pos:end + extra].replace("\r\n", "\n")
+        if any((c < " " and c not in "\t\n") or c == "\x7f" for c in text):
+            self.error("control character in a literal string")
+        self.pos = end + 3 + extra
+        return text
+
+    def array(self):
+        self.pos += 1
+        items = []
+        while True:
+            self.skip_blank()
+            if self.peek() == "]":
+                self.pos += 1
+                break
+            items.append(self.value())
+            self.skip_blank()
+            if self.peek() == ",":
+                self.pos += 1
+            elif self.peek() == "]":
+                self.pos += 1
+                break
+            else:
+                self.error(f"expected ',' or ']' in an array, found {self.peek()!r}")
+        self.frozen.add(id(items))
+        return items
+
+    def inline_table(self):
+        self.pos += 1
+        table = {}
+        self.skip_ws()
+        if self.peek() == "}":
+            self.pos += 1
+        else:
+            while True:
+                self.skip_ws()
+                self.key_value(table, inline=True)
+                self.skip_ws()
+                if self.peek() == ",":
+                    self.pos += 1
+                elif self.peek() == "}":
+                    self.pos += 1
+                    break
+                else:
+                    self.error(f"expected ',' or '}}' in an inline table, found {self.peek()!r}")
+        self.frozen.add(id(table))
+        self.frozen.update(id(v) for v in table.values() if isinstance(v, dict))
+        return table
+
+
+def _toml_key(key):
+    if key and all(c in _BARE_KEY for c in key):
+        return key
+    return _toml_string(key)
+
+
+def _toml_string(text):
+    out = ['"']
+    for c in text:
+        if c in ('"', "\\"):
+            out.append("\\" + c)
+        elif c == "\n":
+            out.append("\\n")
+        elif c == "\t":
+            out.append("\\t")
+        elif c < " " or c == "\x7f":
+            out.append("\\u%04x" % ord(c))
+        else:
+            out.append(c)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        if value in (float("inf"), float("-inf")):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+# -- JavaScript literals (.json5, and .js/.cjs/.mjs without node) -------------------------
+
+
+class _NeedsNode(Exception):
+    """A .js config computes something: only node can evaluate it."""
+
+
+class _JsLiteral:
+    """Read a JavaScript object/array literal (JSON5 is a subset of this).
+
+    Comments, unquoted keys, single quotes, trailing commas, hex numbers and
+    plain template strings are fine. An identifier, call or expression
+    raises _NeedsNode naming the line: it only has a value when the file runs.
+    """
+
+    def __init__(self, text, path):
+        self.src = text
+        self.pos = 0
+        self.path = path
+
+    def where(self, pos=None):
+        pos = self.pos if pos is None else pos
+        line = self.src.count("\n", 0, pos) + 1
+        col = pos - (self.src.rfind("\n", 0, pos) + 1) + 1
+        return f"{self.path}:{line}:{col}"
+
+    def error(self, message, pos=None):
+        raise ConfigError(f"{self.where(pos)}: {message}")
+
+    def dynamic(self, start):
+        end = start
+        while end < len(self.src) and self.src[end] not in ",}]\n":
+            end += 1
+        snippet = self.src[start:end].strip()[:60]
+        raise _NeedsNode(f"{self.where(start)}: {snippet!r} is computed when the file runs")
+
+    def skip(self):
+        while self.pos < len(self.src):
+            c = self.src[self.pos]
+            if c in " \t\r\n\ufeff\u00a0":
+                self.pos += 1
+            elif self.src.startswith("//", self.pos):
+                end = self.src.find("\n", self.pos)
+                self.pos = len(self.src) if end < 0 else end
+            elif self.src.startswith("/*", self.pos):
+                end = self.src.find("*/", self.pos + 2)
+                if end < 0:
+                    self.error("unterminated /* comment")
+                self.pos = end + 2
+            else:
+                return
+
+    def document(self):
+        """Parse a whole .json5 document."""
+        self.skip()
+        value = self.value()
+        self.skip()
+        if self.pos < len(self.src):
+            self.error(f"unexpected {self.src[self.pos]!r} after the value")
+        return value
+
+    def module_export(self):
+        """Find `module.exports = <literal>` or `export default <literal>` and read it."""
+        import re
+        pattern = re.compile(r"module\.exports\s*=|exports\.apps\s*=|export\s+default\b")
+        found = None
+        while True:
+            self.skip()
+            if self.pos >= len(self.src):
+                break
+            c = self.src[self.pos]
+            m = pattern.match(self.src, self.pos)
+            if m:
+                found = m
+                self.pos = m.end()
+                break
+            if c in "'\"`":
+                self.string(c)
+            else:
+                self.pos += 1
+        if found is None:
+            raise _NeedsNode(f"{self.path}: no 'module.exports = {{...}}' or 'export default {{...}}' literal")
+        self.skip()
+        value = self.value()
+        if found.group(0).startswith("exports.apps"):
+            value = {"apps": value}
+        self.skip()
+        while self.pos < len(self.src) and self.src[self.pos] == ";":
+            self.pos += 1
+            self.skip()
+        if self.pos < len(self.src):
+            self.dynamic(self.pos)
+        return value
+
+    def value(self):
+        self.skip()
+        start = self.pos
+        c = self.src[self.pos:self.pos + 1]
+        if not c:
+            self.error("unexpected end of the file")
+        if c == "{":
+            value = self.obj()
+        elif c == "[":
+            value = self.arr()
+        elif c in "'\"`":
+            value = self.string(c)
+        elif c in "0123456789.+-":
+            value = self.number()
+        else:
+            word = self.identifier()
+            literals = {"true": True, "false": False, "null": None, "undefined": None,
+                        "Infinity": float("inf"), "NaN": float("nan")}
+            if word not in literals:
+                self.dynamic(start)
+            value = literals[word]
+        self.skip()
+        nxt = self.src[self.pos:self.pos + 1]
+        if nxt and nxt not in ",}]);":
+            self.dynamic(start)  # an operator or call follows: `a + b`, `x || y`, `f(...)`
+        return value
+
+    def identifier(self):
+        start = self.pos
+        while self.pos < len(self.src) and (self.src[self.pos].isalnum() or self.src[self.pos] in "_$"):
+            self.pos += 1
+        if start == self.pos:
+            self.error(f"unexpected {self.src[self.pos]!r}")
+        return self.src[start:self.pos]
+
+    def obj(self):
+        self.pos += 1
+        out = {}
+        while True:
+            self.skip()
+            c = self.src[self.pos:self.pos + 1]
+            if c == "}":
+                self.pos += 1
+                return out
+            if c in "'\"":
+                key = self.string(c)
+            elif c == "[":
+                self.dynamic(self.pos)  # a computed key
+            elif c == ".":
+                self.dynamic(self.pos)  # ...spread
+            else:
+                key = self.identifier()
+            self.skip()
+            c = self.src[self.pos:self.pos + 1]
+            if c != ":":
+                if c in ("(", ",", "}"):
+                    self.dynamic(self.pos)  # a method or a shorthand property
+                self.error(f"expected ':' after the key {key!r}")
+            self.pos += 1
+            out[key] = self.value()
+            self.skip()
+            c = self.src[self.pos:self.pos + 1]
+            if c == ",":
+                self.pos += 1
+            elif c != "}":
+                self.error(f"expected ',' or '}}' in an object, found {c!r}")
+
+    def arr(self):
+        self.pos += 1
+        out = []
+        while True:
+            self.skip()
+            c = self.src[self.pos:self.pos + 1]
+            if c == "]":
+                self.pos += 1
+                return out
+            if self.src.startswith("...", self.pos):
+                self.dynamic(self.pos)
+            out.append(self.value())
+            self.skip()
+            c = self.src[self.pos:self.pos + 1]
+            if c == ",":
+                self.pos += 1
+            elif c != "]":
+                self.error(f"expected ',' or ']' in an array, found {c!r}")
+
+    def string(self, quote):
+        start = self.pos
+        self.pos += 1
+        out = []
+        escapes = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "v": "\v", "0": "\0"}
+        while True:
+            if self.pos >= len(self.src):
+                self.error("unterminated string", start)
+            c = self.src[self.pos]
+            if c == quote:
+                self.pos += 1
+                return "".join(out)
+            if quote == "`" and self.src.startswith("${", self.pos):
+                self.dynamic(start)
+            if c == "\n" and quote != "`":
+                self.error("unterminated string (a newline inside quotes)", start)
+            if c == "\\":
+                try:
+                    self.pos = self.escape(out, escapes)
+                except (ValueError, IndexError):
+                    self.error("bad escape in a string")
+                continue
+            out.append(c)
+            self.pos += 1
+
+    def escape(self, out, escapes):
+        """Decode the escape at self.pos into out; return the position after it."""
+        src, pos = self.src, self.pos
+        e = src[pos + 1:pos + 2]
+        if e in escapes:
+            out.append(escapes[e])
+            return pos + 2
+        if e == "x":
+            out.append(chr(int(src[pos + 2:pos + 4], 16)))
+            return pos + 4
+        if e == "u":
+            if src[pos + 2:pos + 3] == "{":
+                end = src.index("}", pos)
+                out.append(chr(int(src[pos + 3:end], 16)))
+                return end + 1
+            digits = src[pos + 2:pos + 6]
+            if len(digits) != 4:
+                raise ValueError("short \\u escape")
+            out.append(chr(int(digits, 16)))
+            return pos + 6
+        if e == "\n":
+            return pos + 2  # a line continuation
+        if e == "\r":
+            return pos + (3 if src[pos + 2:pos + 3] == "\n" else 2)
+        out.append(e)  # \' \" \\ and any other character stand for themselves
+        return pos + 2
+
+    def number(self):
+        import re
+        m = re.compile(r"[+-]?(0[xX][0-9a-fA-F]+|Infinity|NaN|(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?)").match(
+            self.src, self.pos)
+        if not m:
+            self.dynamic(self.pos)
+        text = m.group(0)
+        self.pos = m.end()
+        sign = -1 if text.startswith("-") else 1
+        body = text.lstrip("+-")
+        if body.lower().startswith("0x"):
+            return sign * int(body, 16)
+        if body in ("Infinity", "NaN"):
+            return sign * float("inf") if body == "Infinity" else float("nan")
+        if re.fullmatch(r"\d+", body):
+            return sign * int(body)
+        return sign * float(body)
+
+
+def _which(program, environ=None):
+    """Find an executable on PATH (shutil.which drags in bz2 and lzma)."""
+    if os.sep in program:
+        return program if os.access(program, os.X_OK) else None
+    for directory in (environ or os.environ).get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+# Loads a config module the way PM2 does (require, or import() for ES modules)
+# and prints its value as JSON; functions and undefined fall away.
+_NODE_LOADER = r"""
+const path = require('path'), url = require('url');
+const file = path.resolve(process.argv[1]);
+(async () => {
+  let mod;
+  try { mod = require(file); }
+  catch (e) {
+    if (e && (e.code === 'ERR_REQUIRE_ESM' || /import statement|export|ES module/.test(String(e.message))))
+      mod = await import(url.pathToFileURL(file).href);
+    else throw e;
+  }
+  if (mod && typeof mod === 'object' && 'default' in mod && !('apps' in mod)) mod = mod.default;
+  process.stdout.write(JSON.stringify(mod === undefined ? null : mod));
+})().catch(e => { process.stderr.write(String((e && e.stack) || e)); process.exit(1); });
+"""
+
+
+def _eval_js_config(path, text):
+    """Evaluate a .js/.cjs/.mjs config with node; without node, read its literal."""
+    node = os.environ.get("OXMGR_NODE") or _which("node")
+    if node and os.path.isfile(node):
+        import subprocess
+        try:
+            result = subprocess.run([node, "-e", _NODE_LOADER, os.path.abspath(path)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, cwd=os.path.dirname(os.path.abspath(path)),
+                                    timeout=NODE_EVAL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ConfigError(f"{path}: node did not finish evaluating it within "
+                              f"{NODE_EVAL_TIMEOUT_S:g}s (does it wait for something?)") from None
+        if result.returncode != 0:
+            lines = [ln for ln in result.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
+            detail = next((ln for ln in lines if "Error" in ln), lines[0] if lines else "no output")
+            raise ConfigError(f"{path}: node could not evaluate it: {detail.strip()}")
+        try:
+            return json.loads(result.stdout.decode("utf-8"))
+        except ValueError:
+            raise ConfigError(f"{path}: node printed something that is not JSON") from None
+    try:
+        return _JsLiteral(text, path).module_export()
+    except _NeedsNode as exc:
+        raise ConfigError(f"{exc}; install node to evaluate this file (or set OXMGR_NODE), "
+                          f"or write a literal value") from None
+
+
+def read_config_file(path):
+    """Return the raw data of a config file, dispatching on its suffix."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in CONFIG_SUFFIXES:
+        raise ConfigError(f"{path}: unknown config type {suffix or '(none)'!r}; use .toml, .json, .json5, "
+                          f".js, .cjs or .mjs")
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read it: {exc}") from None
+    if suffix == ".toml":
+        return toml_loads(text, path)
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{getattr(exc, 'lineno', '?')}:{getattr(exc, 'colno', '?')}: "
+                              f"invalid JSON: {getattr(exc, 'msg', exc)}") from None
+    if suffix == ".json5":
+        try:
+            return _JsLiteral(text, path).document()
+        except _NeedsNode as exc:
+            raise ConfigError(f"{exc}; JSON5 holds literal values only") from None
+    return _eval_js_config(path, text)
+
+
+# -- key mapping ---------------------------------------------------------------------
+
+
+def _cpu_instances(value):
+    """PM2's instances: N, "max" or 0 (every CPU), -1 (all but one)."""
+    cpus = os.cpu_count() or 1
+    if isinstance(value, str) and value.strip().lower() == "max":
+        return cpus
+    number = _v_int(value)
+    if number == 0:
+        return cpus
+    if number < 0:
+        return max(1, cpus + number)
+    return number
+
+
+def _watch_paths(value):
+    """watch = true (the app's cwd), a path, or a list of paths; false: off."""
+    if isinstance(value, bool):
+        return ["."] if value else []
+    return _v_str_list_nonempty(value)
+
+
+def _seconds(unit):
+    return lambda value: parse_duration(value, unit)
+
+
+def _mebibytes(value):
+    """Oxmgr's *_mb keys: a number is MiB; a string with a unit ("1G") is read as a size."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return parse_size(f"{value}M")
+    if isinstance(value, str) and value.strip().replace(".", "", 1).isdigit():
+        return parse_size(value.strip() + "M")
+    return parse_size(value)
+
+
+# PM2 ecosystem keys: key -> (AppSpec field, converter). Times are ms, as in PM2.
+_PM2_KEYS = {
+    "name": ("name", None),
+    "cwd": ("cwd", None),
+    "namespace": ("namespace", None),
+    "interpreter": ("interpreter", None),
+    "exec_interpreter": ("interpreter", None),
+    "interpreter_args": ("interpreter_args", None),
+    "node_args": ("interpreter_args", None),
+    "instance_var": ("instance_var", None),
+    "max_restarts": ("max_restarts", None),
+    "min_uptime": ("min_uptime_s", _seconds("ms")),
+    "restart_delay": ("restart_delay_s", _seconds("ms")),
+    "kill_timeout": ("stop_timeout_s", _seconds("ms")),
+    "listen_timeout": ("ready_timeout_s", _seconds("ms")),
+    "wait_ready": ("wait_ready", None),
+    "stop_exit_codes": ("stop_exit_codes", None),
+    "max_memory_restart": ("max_memory_bytes", None),
+    "cron_restart": ("cron_restart", None),
+    "watch": ("watch", _watch_paths),
+    "ignore_watch": ("ignore_watch", None),
+    "watch_delay": ("watch_delay_s", _seconds("ms")),
+    "out_file": ("out_file", None),
+    "output": ("out_file", None),
+    "error_file": ("err_file", None),
+    "err_file": ("err_file", None),
+    "error": ("err_file", None),
+    "log_file": ("combined_file", None),
+    "log": ("combined_file", None),
+    "log_date_format": ("log_date_format", None),
+    # Oxmgr's additions to the ecosystem format (its units: seconds)
+    "restart_policy": ("restart_policy", None),
+    "crash_restart_limit": ("crash_restart_limit", None),
+    "max_memory_mb": ("max_memory_bytes", _mebibytes),
+    "max_cpu_percent": ("max_cpu_percent", None),
+    "kill_signal": ("stop_signal", None),
+    "pm2_kill_signal": ("stop_signal", None),
+    "stop_timeout": ("stop_timeout_s", _seconds("s")),
+    "delay_start": ("start_delay_s", _seconds("s")),
+    "start_delay": ("start_delay_s", _seconds("s")),
+    "start_order": ("start_order", None),
+    "priority": ("start_order", None),
+    "health_cmd": ("health_cmd", None),
+    "health_interval": ("health_interval_s", _seconds("s")),
+    "health_timeout": ("health_timeout_s", _seconds("s")),
+    "health_max_failures": ("health_max_failures", None),
+    # oxmgr.py's own additions
+    "depends_on": ("depends_on", None),
+    "health_http": ("health_http", None),
+    "health_tcp": ("health_tcp", None),
+    "ready_tcp": ("ready_tcp", None),
+    "listen": ("listen", None),
+}
+# Handled in code rather than by the table above.
+_PM2_SPECIAL = frozenset({"script", "args", "cmd", "command", "env", "instances", "exec_mode", "autorestart",
+                          "exp_backoff_restart_delay", "time", "merge_logs", "combine_logs", "disable_logs",
+                          "increment_var", "health"})
+# PM2 keys that oxmgr.py reads but does not act on: a warning says so.
+_PM2_IGNORED = {
+    "source_map_support": "", "vizion": "", "post_update": "", "force": "", "treekill": "",
+    "pid_file": "", "log_type": "", "filter_env": "", "appendEnvToName": "", "automation": "",
+    "pmx": "", "trace": "", "disable_trace": "", "shutdown_with_message": "", "kill_retry_time": "",
+    "uid": "run oxmgr as that user instead", "gid": "run oxmgr as that user instead",
+    "deep_monitoring": "", "instance_id_env": "", "max": "", "port": "",
+}
+# oxfile keys: key -> (AppSpec field, converter). Times are seconds, as in Oxmgr.
+_OXFILE_KEYS = {
+    "name": ("name", None),
+    "command": ("command", None),
+    "cwd": ("cwd", None),
+    "namespace": ("namespace", None),
+    "interpreter": ("interpreter", None),           # oxmgr.py: as PM2's, for converted files
+    "interpreter_args": ("interpreter_args", None),
+    "restart_policy": ("restart_policy", None),
+    "max_restarts": ("max_restarts", None),
+    "crash_restart_limit": ("crash_restart_limit", None),
+    "restart_delay_secs": ("restart_delay_s", None),
+    "start_delay_secs": ("start_delay_s", None),
+    "min_uptime_secs": ("min_uptime_s", None),
+    "exp_backoff": ("exp_backoff", None),
+    "exp_backoff_max_secs": ("backoff_max_s", None),
+    "stop_signal": ("stop_signal", None),
+    "stop_timeout_secs": ("stop_timeout_s", None),
+    "stop_exit_codes": ("stop_exit_codes", None),
+    "instance_var": ("instance_var", None),
+    "depends_on": ("depends_on", None),
+    "start_order": ("start_order", None),
+    "health_cmd": ("health_cmd", None),
+    "health_http": ("health_http", None),
+    "health_tcp": ("health_tcp", None),
+    "health_interval_secs": ("health_interval_s", None),
+    "health_timeout_secs": ("health_timeout_s", None),
+    "health_max_failures": ("health_max_failures", None),
+    "wait_ready": ("wait_ready", None),
+    "ready_tcp": ("ready_tcp", None),
+    "ready_timeout_secs": ("ready_timeout_s", None),
+    "max_memory_mb": ("max_memory_bytes", _mebibytes),
+    "max_cpu_percent": ("max_cpu_percent", None),
+    "watch": ("watch", _watch_paths),
+    "ignore_watch": ("ignore_watch", None),
+    "watch_delay_secs": ("watch_delay_s", None),
+    "cron_restart": ("cron_restart", None),
+    "log_date_format": ("log_date_format", None),
+    "listen": ("listen", None),
+    "unified_logs": ("merge_logs", None),
+    # oxmgr.py's additions, so that a converted PM2 file means the same
+    "exp_backoff_factor": ("backoff_factor", None),
+}
+_OXFILE_SPECIAL = frozenset({"env", "instances", "logs", "disabled", "profiles", "time", "increment_var"})
+_OXFILE_LOG_KEYS = {
+    "out": ("out_file", None), "err": ("err_file", None), "combined": ("combined_file", None),
+    "max_size_mb": ("log_max_bytes", _mebibytes),
+    "max_files": ("log_max_files", None), "max_days": ("log_max_age_s", lambda v: parse_duration(v, "d")),
+    "date_format": ("log_date_format", None),
+}
+# Oxmgr oxfile features oxmgr.py does not have; each warning says what to use instead.
+_OXFILE_IGNORED = {
+    "cluster_mode": "use instances (and listen to share a port)",
+    "cluster_instances": "use instances",
+    "pre_reload_cmd": "run it before 'oxmgr reload'",
+    "cgroup_enforce": "", "deny_gpu": "", "reuse_port": "use listen to share a port",
+    "git_repo": "", "git_ref": "", "pull_secret": "",
+}
+_PATH_FIELDS = ("cwd", "out_file", "err_file", "combined_file")
+
+
+def _map_keys(raw, table, special, ignored, where, problems, warnings, fields):
+    """Convert one layer of keys through a key table into AppSpec fields."""
+    for key, value in raw.items():
+        if key in special or (table is _PM2_KEYS and key.startswith("env_")):
+            continue
+        if key in table:
+            field, convert = table[key]
+            try:
+                value = convert(value) if convert else value
+                if field not in _PATH_FIELDS:  # paths are checked once they are absolute
+                    value = _SPEC_VALIDATORS[field](value)
+                fields[field] = value
+            except ValueError as exc:
+                problems.add(where, key, str(exc))
+        elif key in ignored:
+            hint = ignored[key]
+            warnings.append(f"{where}: {key}: not supported by oxmgr.py, ignored" + (f"; {hint}" if hint else ""))
+        else:
+            warnings.append(f"{where}: {key}: unknown key, ignored; check its spelling")
+
+
+def _env_layer(value, where, key, problems):
+    if value is None:
+        return {}
+    try:
+        return _v_env(value)
+    except ValueError as exc:
+        problems.add(where, key, str(exc))
+        return {}
+
+
+def _ecosystem_fields(raw, where, profile, base_dir, problems, warnings):
+    """Map one PM2 app object to AppSpec fields (instances not yet expanded)."""
+    fields = {}
+    _map_keys(raw, _PM2_KEYS, _PM2_SPECIAL, _PM2_IGNORED, where, problems, warnings, fields)
+    env = _env_layer(raw.get("env"), where, "env", problems)
+    if profile:
+        env.update(_env_layer(raw.get(f"env_{profile}"), where, f"env_{profile}", problems))
+    fields["env"] = env
+    profiles = [k[4:] for k in raw if k.startswith("env_")]
+    for key in raw:
+        if key.startswith("env_") and not isinstance(raw[key], dict):
+            problems.add(where, key, "expected an object of NAME: value")
+    health = raw.get("health")
+    if isinstance(health, dict):
+        sub = {"cmd": "health_cmd", "interval": "health_interval", "timeout": "health_timeout",
+               "max_failures": "health_max_failures"}
+        _map_keys({sub.get(k, k): v for k, v in health.items()}, _PM2_KEYS, _PM2_SPECIAL, {},
+                  f"{where}: health", problems, warnings, fields)
+    elif health is not None:
+        problems.add(where, "health", "expected an object {cmd, interval, timeout, max_failures}")
+    if "autorestart" in raw:
+        try:
+            if not _v_bool(raw["autorestart"]):
+                fields["restart_policy"] = "never"
+        except ValueError as exc:
+            problems.add(where, "autorestart", str(exc))
+    if "exp_backoff_restart_delay" in raw:
+        try:
+            fields["restart_delay_s"] = parse_duration(raw["exp_backoff_restart_delay"], "ms")
+            fields["exp_backoff"] = True
+            fields["backoff_factor"] = 1.5  # PM2 grows the delay by half each time
+        except ValueError as exc:
+            problems.add(where, "exp_backoff_restart_delay", str(exc))
+    if raw.get("time") is True and not fields.get("log_date_format"):
+        fields["log_date_format"] = DEFAULT_TIME_FORMAT
+    if raw.get("disable_logs") is True:
+        fields["out_file"] = fields["err_file"] = os.devnull
+    mode = str(raw.get("exec_mode", "fork")).lower()
+    if mode in ("cluster", "cluster_mode"):
+        warnings.append(f"{where}: exec_mode: cluster runs {raw.get('instances', 1)} separate processes here; "
+                        f"share a port with listen = [\"tcp://...\"]")
+    elif mode not in ("fork", "fork_mode"):
+        problems.add(where, "exec_mode", f"expected fork or cluster, got {raw.get('exec_mode')!r}")
+    # The command: cmd/command, or script + args (+ interpreter from the extension).
+    command = raw.get("cmd", raw.get("command"))
+    script = raw.get("script")
+    if command is not None and script is not None:
+        problems.add(where, "script", "give either script (+ args) or cmd, not both")
+    elif script is not None:
+        if not isinstance(script, str) or not script.strip():
+            problems.add(where, "script", f"expected a file or program, got {script!r}")
+        else:
+            args = raw.get("args", [])
+            if isinstance(args, str):
+                import shlex
+                try:
+                    args = shlex.split(args)
+                except ValueError as exc:
+                    problems.add(where, "args", f"cannot split {args!r}: {exc}")
+                    args = []
+            elif not isinstance(args, list) or not all(isinstance(a, (str, int, float)) for a in args):
+                problems.add(where, "args", f"expected a string or a list of strings, got {args!r}")
+                args = []
+            cwd = fields.get("cwd") or base_dir
+            local = os.path.join(os.path.expanduser(cwd), script)
+            if os.sep not in script and os.path.isfile(local):
+                script = "./" + script  # a file next to the app, not a program on PATH (PM2's rule)
+            command = quote_join([script] + [str(a) for a in args])
+            if "interpreter" not in fields:
+                ext = os.path.splitext(script)[1].lower()
+                inferred = {".sh": "bash"}.get(ext) or (INTERPRETERS.get(ext) if ext != ".py" else "python")
+                if inferred == "python":
+                    inferred = sys.executable or "python3"
+                if inferred:
+                    fields["interpreter"] = inferred
+    elif raw.get("args") is not None and command is not None:
+        problems.add(where, "args", "args goes with script; put the arguments in cmd instead")
+    if command is None:
+        problems.add(where, "script", "each app needs a script (or cmd)")
+    else:
+        fields["command"] = command
+    if isinstance(fields.get("interpreter_args"), str):
+        import shlex
+        fields["interpreter_args"] = shlex.split(fields["interpreter_args"])
+    if fields.get("interpreter") == "none":
+        fields["interpreter"] = None
+    if "name" not in fields and command:
+        fields["name"] = default_app_name(command if not script else os.path.basename(str(script)))
+    instances = raw.get("instances", 1)
+    try:
+        fields["instances"] = _cpu_instances(instances)
+    except ValueError as exc:
+        problems.add(where, "instances", str(exc))
+        fields["instances"] = 1
+    if "increment_var" in raw:
+        fields["_increment_var"] = raw["increment_var"]
+    if raw.get("merge_logs") or raw.get("combine_logs"):
+        fields["merge_logs"] = True
+    profile_env = {p: {"env": raw[f"env_{p}"]} for p in profiles if isinstance(raw.get(f"env_{p}"), dict)}
+    return fields, profile_env
+
+
+def _oxfile_fields(layers, where, problems, warnings):
+    """Map merged oxfile layers (defaults, app, profile) to AppSpec fields."""
+    fields = {}
+    env = {}
+    for layer_where, layer in layers:
+        _map_keys(layer, _OXFILE_KEYS, _OXFILE_SPECIAL, _OXFILE_IGNORED, layer_where, problems, warnings, fields)
+        env.update(_env_layer(layer.get("env"), layer_where, "env", problems))
+        logs = layer.get("logs")
+        if isinstance(logs, dict):
+            _map_keys(logs, _OXFILE_LOG_KEYS, frozenset(), {}, f"{layer_where}: logs", problems, warnings, fields)
+        elif logs is not None:
+            problems.add(layer_where, "logs", "expected a table ([apps.logs])")
+        if "instances" in layer:
+            try:
+                fields["instances"] = _cpu_instances(layer["instances"])
+            except ValueError as exc:
+                problems.add(layer_where, "instances", str(exc))
+        if "increment_var" in layer:
+            fields["_increment_var"] = layer["increment_var"]
+        if layer.get("time") is True and not fields.get("log_date_format"):
+            fields["log_date_format"] = DEFAULT_TIME_FORMAT
+    fields["env"] = env
+    return fields
+
+
+def _resolve_paths(fields, base_dir, where, problems, warnings):
+    """Expand $VAR and ~ in paths and env values; relative paths are under base_dir."""
+    missing = []
+    env = fields.get("env") or {}
+    fields["env"] = {k: expand_vars(v, missing=missing) for k, v in env.items()}
+    for key in _PATH_FIELDS:
+        value = fields.get(key)
+        if isinstance(value, str) and value:
+            value = expand_vars(value, missing=missing)
+            if key == "cwd" or value != os.devnull:
+                anchor = base_dir if key == "cwd" else (fields.get("cwd") or base_dir)
+                value = os.path.normpath(os.path.join(anchor, value))
+            fields[key] = value
+    if not fields.get("cwd"):
+        fields["cwd"] = base_dir
+    for key in ("watch",):
+        if isinstance(fields.get(key), list):
+            fields[key] = [expand_vars(p, missing=missing) for p in fields[key]]
+    for name in sorted(set(missing)):
+        warnings.append(f"{where}: ${name} is not set; it expands to an empty string")
+
+
+def _expand(fields, where, problems):
+    """Turn one app's fields into AppSpecs: one per instance."""
+    fields = dict(fields)
+    increment_var = fields.pop("_increment_var", None)
+    merge_logs = fields.get("merge_logs") is True
+    count = fields.get("instances", 1)
+    base = fields.get("name")
+    specs = []
+    for i in range(count if count > 1 else 1):
+        data = dict(fields)
+        data["base_name"] = base
+        if count > 1:
+            data["name"] = f"{base}-{i}"
+            data["instance"] = i
+            if not merge_logs:
+                # PM2: each instance gets its own file unless merge_logs
+                for key in ("out_file", "err_file", "combined_file"):
+                    path = data.get(key)
+                    if path and path != os.devnull:
+                        stem, ext = os.path.splitext(path)
+                        data[key] = f"{stem}-{i}{ext}"
+            if increment_var:
+                env = dict(data.get("env") or {})
+                try:
+                    env[increment_var] = str(int(env.get(increment_var, os.environ.get(increment_var, "0"))) + i)
+                except ValueError:
+                    problems.add(where, "increment_var", f"{increment_var} must hold a number to increment")
+                data["env"] = env
+        try:
+            specs.append(AppSpec.from_dict(data, where=where))
+        except ConfigError as exc:
+            problems.lines.extend(str(exc).splitlines())
+            return []
+    return specs
+
+
+def _order(groups, problems):
+    """Sort app groups so dependencies come first; start_order breaks ties.
+
+    `groups` is a list of (where, base_name, depends_on, start_order); returns
+    base names in start order. Unknown names and cycles are problems.
+    """
+    import heapq
+    names = {g[1]: g for g in groups}
+    index = {g[1]: i for i, g in enumerate(groups)}
+    for where, name, deps, _ in groups:
+        for dep in deps:
+            if dep not in names:
+                problems.add(where, "depends_on", f"unknown app {dep!r}; the apps are: {', '.join(sorted(names))}")
+            elif dep == name:
+                problems.add(where, "depends_on", "an app cannot depend on itself")
+    pending = {name: {d for d in g[2] if d in names and d != name} for name, g in names.items()}
+    ready = [(names[n][3], index[n], n) for n, deps in pending.items() if not deps]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, _, name = heapq.heappop(ready)
+        order.append(name)
+        for other, deps in pending.items():
+            if name in deps:
+                deps.discard(name)
+                if not deps:
+                    heapq.heappush(ready, (names[other][3], index[other], other))
+    stuck = [n for n in names if n not in order]
+    if stuck and not any("cannot depend on itself" in line for line in problems.lines):
+        # Walk the dependency edges from one stuck app until a name repeats: that is the cycle.
+        path = [stuck[0]]
+        while True:
+            nxt = sorted(pending[path[-1]])[0]
+            if nxt in path:
+                cycle = path[path.index(nxt):] + [nxt]
+                break
+            path.append(nxt)
+        problems.add(names[cycle[0]][0], "depends_on", f"dependency cycle: {' -> '.join(cycle)}")
+    return order + stuck
+
+
+def _oxfile_apps(data, path, profile, problems, warnings):
+    """Yield (where, fields, profile_overrides) for each app of an oxfile."""
+    if not isinstance(data, dict):
+        problems.add(path, None, "expected a TOML document")
+        return
+    version = data.get("version", 1)
+    if version != 1:
+        problems.add(path, "version", f"only version = 1 is known, got {version!r}")
+    for key in data:
+        if key == "deploy":
+            warnings.append(f"{path}: deploy: not supported by oxmgr.py, ignored")
+        elif key not in ("version", "defaults", "apps"):
+            warnings.append(f"{path}: {key}: unknown top-level key, ignored")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        problems.add(path, "defaults", "expected a table [defaults]")
+        defaults = {}
+    for key in ("name", "command", "profiles", "disabled"):
+        if key in defaults:
+            problems.add(f"{path}: [defaults]", key, "belongs to an app, not to [defaults]")
+    apps = data.get("apps")
+    if not isinstance(apps, list) or not apps:
+        problems.add(path, "apps", "expected at least one [[apps]] table")
+        return
+    for i, app in enumerate(apps):
+        if not isinstance(app, dict):
+            problems.add(f"{path}: apps[{i}]", None, "expected a table")
+            continue
+        label = app.get("name") if isinstance(app.get("name"), str) else f"#{i + 1}"
+        where = f"{path}: app {label!r}"
+        profiles = app.get("profiles", {})
+        if not isinstance(profiles, dict) or not all(isinstance(v, dict) for v in profiles.values()):
+            problems.add(where, "profiles", "expected [apps.profiles.<name>] tables")
+            profiles = {}
+        layers = [(f"{path}: [defaults]", defaults), (where, app)]
+        if profile and profile in profiles:
+            layers.append((f"{where}: profile {profile!r}", profiles[profile]))
+        disabled = False
+        for _, layer in layers:
+            if "disabled" in layer:
+                try:
+                    disabled = _v_bool(layer["disabled"])
+                except ValueError as exc:
+                    problems.add(where, "disabled", str(exc))
+        if "command" not in app:
+            problems.add(where, "command", "each app needs a command")
+            continue
+        fields = _oxfile_fields(layers, where, problems, warnings)
+        fields.setdefault("name", label if label != f"#{i + 1}" else default_app_name(str(app.get("command"))))
+        if not disabled:
+            yield where, fields, profiles
+
+
+def _ecosystem_apps(data, path, profile, problems, warnings):
+    """Yield (where, fields, profile_overrides) for each app of a PM2 ecosystem file."""
+    if isinstance(data, dict) and "apps" in data:
+        for key in data:
+            if key not in ("apps", "deploy"):
+                warnings.append(f"{path}: {key}: unknown top-level key, ignored")
+        apps = data["apps"]
+        if isinstance(apps, dict):
+            apps = [apps]
+    elif isinstance(data, list):
+        apps = data
+    elif isinstance(data, dict) and ("script" in data or "cmd" in data):
+        apps = [data]  # a single app, as PM2 also accepts
+    else:
+        problems.add(path, "apps", "expected { apps: [ ... ] }")
+        return
+    if not isinstance(apps, list) or not apps:
+        problems.add(path, "apps", "expected a non-empty list of apps")
+        return
+    base_dir = os.path.dirname(os.path.abspath(path))
+    for i, app in enumerate(apps):
+        label = app.get("name") if isinstance(app, dict) and isinstance(app.get("name"), str) else None
+        where = f"{path}: apps[{i}]" + (f" {label!r}" if label else "")
+        if not isinstance(app, dict):
+            problems.add(where, None, "expected an object")
+            continue
+        fields, profiles = _ecosystem_fields(app, where, profile, base_dir, problems, warnings)
+        yield where, fields, profiles
+
+
+def load_config(paths, profile=None, only=None):
+    """Load config files into a Config: validated, expanded, in start order.
+
+    Raises ConfigError listing every problem (file, app, key) at once.
+    """
+    if isinstance(paths, str):
+        paths = [paths]
+    problems = _Problems()
+    config = Config()
+    groups = []        # (where, fields, profiles)
+    for path in paths:
+        config.files.append(os.path.abspath(path))
+        try:
+            data = read_config_file(path)
+        except ConfigError as exc:
+            problems.lines.append(str(exc))
+            continue
+        base_dir = os.path.dirname(os.path.abspath(path))
+        reader = _oxfile_apps if path.lower().endswith(".toml") else _ecosystem_apps
+        found_profile = False
+        apps = reader(data, path, profile, problems, config.warnings)
+        while True:
+            before = len(problems.lines)
+            item = next(apps, None)
+            if item is None:
+                break
+            where, fields, profiles = item
+            found_profile = found_profile or (profile in profiles)
+            _resolve_paths(fields, base_dir, where, problems, config.warnings)
+            # an app whose keys already failed is not expanded: one message per problem
+            groups.append((where, fields, profiles, path, len(problems.lines) == before))
+        if profile and not found_profile and not problems.lines:
+            config.warnings.append(f"{path}: no app has a profile {profile!r} (--env {profile}); using the base settings")
+    seen = {}
+    for where, fields, _, _, _ in groups:
+        name = fields.get("name")
+        if isinstance(name, str) and name in seen:
+            problems.add(where, "name", f"{name!r} is already used by {seen[name]}")
+        seen[name] = where
+    expanded = {}
+    names_seen = {}
+    for where, fields, profiles, path, valid in groups:
+        if not valid:
+            continue
+        before = len(problems.lines)
+        specs = _expand(fields, where, problems) if isinstance(fields.get("name"), str) else []
+        if len(problems.lines) > before or not specs:
+            continue
+        expanded[fields["name"]] = (where, specs)
+        config.groups.append((path, specs[0], profiles, fields))
+        for spec in specs:
+            if spec.name in names_seen and names_seen[spec.name] != fields["name"]:
+                problems.add(where, "name",
+                             f"instance name {spec.name!r} collides with app {names_seen[spec.name]!r}")
+            names_seen[spec.name] = fields["name"]
+    order = _order([(where, f["name"], f.get("depends_on") or [], f.get("start_order", 0))
+                    for where, f, _, _, _ in groups if isinstance(f.get("name"), str)], problems)
+    problems.check()
+    wanted = None
+    if only:
+        wanted = {n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()}
+        unknown = sorted(n for n in wanted if n not in expanded and n not in names_seen)
+        if unknown:
+            raise ConfigError(f"--only {', '.join(unknown)}: no such app in {', '.join(paths)}; "
+                              f"the apps are: {', '.join(sorted(expanded))}")
+    for base in order:
+        for spec in expanded.get(base, (None, []))[1]:
+            config.all_names.append(spec.name)
+            if wanted is None or base in wanted or spec.name in wanted:
+                config.apps.append(spec)
+    return config
+
+
+# AppSpec fields a converted oxfile does not write directly: derived, or in [apps.logs].
+_DUMP_SKIP = frozenset({"name", "command", "base_name", "instance", "instances", "env", "out_file", "err_file",
+                        "combined_file", "log_max_bytes", "log_max_files", "log_max_age_s"})
+
+
+def dump_oxfile(config, profile=None):
+    """Write a Config's apps as oxfile.toml text that loads to the same apps."""
+    field_to_key = {}
+    for key, (field, _) in _OXFILE_KEYS.items():
+        field_to_key.setdefault(field, key)
+    defaults = AppSpec(name="x", command="x").to_dict()
+    lines = ["# Converted by oxmgr.py " + __version__ + (f" with profile {profile!r} applied" if profile else ""),
+             "version = 1", ""]
+    for _path, spec, profiles, fields in config.groups:
+        data = spec.to_dict()
+        lines.append("[[apps]]")
+        lines.append(f"name = {_toml_value(spec.base_name or spec.name)}")
+        lines.append(f"command = {_toml_value(spec.command)}")
+        if spec.instances != 1:
+            lines.append(f"instances = {spec.instances}")
+        if fields.get("_increment_var"):
+            lines.append(f"increment_var = {_toml_value(fields['_increment_var'])}")
+        for field, value in data.items():
+            if field in _DUMP_SKIP or value == defaults[field] or field not in field_to_key:
+                continue
+            if field == "max_memory_bytes":
+                value = value >> 20 if value % (1 << 20) == 0 else f"{value}b"
+            elif isinstance(value, float) and value == int(value):
+                value = int(value)
+            lines.append(f"{_toml_key(field_to_key[field])} = {_toml_value(value)}")
+        if spec.env:
+            lines += ["", "[apps.env]"] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in spec.env.items()]
+        logs = {}
+        for key, (field, _) in _OXFILE_LOG_KEYS.items():
+            value = fields.get(field) if field in ("out_file", "err_file", "combined_file") else data.get(field)
+            if value is None or field == "log_date_format":
+                continue
+            if field == "log_max_bytes":
+                value = value / (1 << 20)
+            elif field == "log_max_age_s":
+                value = value / 86400.0
+            logs[key] = int(value) if isinstance(value, float) and value == int(value) else value
+        if logs:
+            lines += ["", "[apps.logs]"] + [f"{k} = {_toml_value(v)}" for k, v in logs.items()]
+        if not profile:
+            for pname, overrides in sorted(profiles.items()):
+                penv = overrides.get("env") if isinstance(overrides, dict) else None
+                if penv:
+                    lines += ["", f"[apps.profiles.{_toml_key(pname)}.env]"]
+                    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in _v_env(penv).items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# =============================================================================
+# 9. State store and paths
 # =============================================================================
 
 
@@ -1333,7 +3034,7 @@ def load_state(home):
     return 0, [], warnings
 
 # =============================================================================
-# 9. Logs
+# 10. Logs
 # =============================================================================
 
 
@@ -1572,7 +3273,7 @@ def tail_log(path, n):
     return lines
 
 # =============================================================================
-# 10. IPC protocol (shared, sync, pure)
+# 11. IPC protocol (shared, sync, pure)
 # =============================================================================
 
 
@@ -1614,7 +3315,7 @@ def error_from_wire(reply):
 
 
 # =============================================================================
-# 11. Event loop: a small coroutine runtime over selectors
+# 12. Event loop: a small coroutine runtime over selectors
 # =============================================================================
 #
 # Just what the daemon needs: futures, tasks, timers, fd readiness and signal
@@ -2066,7 +3767,7 @@ class Event:
         return self._fut
 
 # =============================================================================
-# 12. Supervisor core (async)
+# 13. Supervisor core (async)
 # =============================================================================
 
 # The only legal status changes; ManagedProcess._set_status enforces them.
@@ -2334,14 +4035,22 @@ class ManagedProcess:
     # -- output -------------------------------------------------------------
 
     def log_path(self, stream):
+        """Return the file of "out", "err" or "combined" (None: no combined log)."""
         spec = self.spec
-        custom = spec.out_file if stream == "out" else spec.err_file
-        return custom or self.sup.home.log_path(spec.name, stream)
+        custom = {"out": spec.out_file, "err": spec.err_file, "combined": spec.combined_file}[stream]
+        if custom or stream == "combined":
+            return custom
+        return self.sup.home.log_path(spec.base_name if spec.merge_logs and spec.base_name else spec.name, stream)
 
     def log(self, stream):
         log = self.logs.get(stream)
         if log is None:
-            log = self.logs[stream] = RotatingLog(self.log_path(stream), self.sup.log_policy)
+            spec = self.spec
+            default = self.sup.log_policy
+            policy = LogPolicy(default.max_bytes if spec.log_max_bytes is None else spec.log_max_bytes,
+                               default.max_files if spec.log_max_files is None else spec.log_max_files,
+                               default.max_age_s if spec.log_max_age_s is None else spec.log_max_age_s)
+            log = self.logs[stream] = self.sup.acquire_log(self.log_path(stream), policy)
         return log
 
     def _output(self, pump, data):
@@ -2353,10 +4062,11 @@ class ManagedProcess:
             data = _stamp_lines(data, stamp, at_start)
         if pump.stream == "err":
             self._err_tail = (self._err_tail + data)[-4096:]
-        try:
-            self.log(pump.stream).write(data)
-        except OSError as exc:
-            self.sup.log_once(f"{self.name}: cannot write {pump.stream} log: {exc}")
+        for stream in (pump.stream, "combined") if self.spec.combined_file else (pump.stream,):
+            try:
+                self.log(stream).write(data)
+            except OSError as exc:
+                self.sup.log_once(f"{self.name}: cannot write {self.log_path(stream)!r}: {exc}")
         self.sup.emit_output(self, pump.stream, data)
 
     def stderr_tail(self, n=STDERR_TAIL_LINES):
@@ -2368,7 +4078,7 @@ class ManagedProcess:
         for pump in list(self._pumps):
             pump.close()
         for log in self.logs.values():
-            log.close()
+            self.sup.release_log(log)
         self.logs = {}
 
     # -- spawning and exits ---------------------------------------------------
@@ -2593,6 +4303,20 @@ class ManagedProcess:
         finally:
             self._lock.release()
 
+    async def replace(self, spec, base_env):
+        """Stop the app, take a new definition, start it (apply's changed app)."""
+        await self._lock.acquire()
+        try:
+            await self._stop_locked()
+            for pump in list(self._pumps):
+                pump.drain()
+            self.close_logs()  # the log paths may have changed
+            self.rec.spec = spec
+            self.rec.base_env = dict(base_env)
+            await self._start_locked(start_delay=True)
+        finally:
+            self._lock.release()
+
     async def delete(self):
         """Stop the app and forget it; its log files stay on disk."""
         await self._lock.acquire()
@@ -2652,6 +4376,10 @@ class ManagedProcess:
             "desired": rec.desired,
             "out_log": self.log_path("out"),
             "err_log": self.log_path("err"),
+            "combined_log": self.log_path("combined"),
+            "base_name": spec.base_name or spec.name,
+            "instance": spec.instance,
+            "depends_on": list(spec.depends_on),
             "log_date_format": spec.log_date_format,
             "env_keys": sorted(spec.env),
         }
@@ -2683,6 +4411,7 @@ class Supervisor:
         self._sampler = TreeSampler(clock=time.monotonic)
         self._last_metrics = None
         self._background = set()
+        self._logs = {}              # path -> [RotatingLog, users]: instances may share a file
 
     # -- children -----------------------------------------------------------
 
@@ -2750,8 +4479,8 @@ class Supervisor:
         self.procs.pop(proc.rec.id, None)
         self.save_soon()
 
-    def resolve(self, targets):
-        """Return the apps named by targets: id, name, namespace or "all"."""
+    def resolve(self, targets, missing_ok=False):
+        """Return the apps named by targets: id, name, base name of instances, namespace or "all"."""
         found = []
         for target in targets:
             target = str(target).strip()
@@ -2762,9 +4491,10 @@ class Supervisor:
                 matched = [proc] if proc else []
             else:
                 proc = self.by_name(target)
-                matched = [proc] if proc else [p for p in self.procs.values()
-                                               if p.spec.namespace == target]
-            if not matched and target != "all":
+                matched = [proc] if proc else [p for p in self.procs.values() if p.spec.base_name == target]
+                if not matched:
+                    matched = [p for p in self.procs.values() if p.spec.namespace == target]
+            if not matched and target != "all" and not missing_ok:
                 raise ProcessNotFound(target)
             for proc in matched:
                 if proc not in found:
@@ -2801,6 +4531,24 @@ class Supervisor:
             self._logged_once.add(message)
             self.log(message)
 
+    def acquire_log(self, path, policy):
+        """Return the RotatingLog of a path, shared by every app that writes there."""
+        entry = self._logs.get(path)
+        if entry is None:
+            entry = self._logs[path] = [RotatingLog(path, policy), 0]
+        entry[1] += 1
+        return entry[0]
+
+    def release_log(self, log):
+        entry = self._logs.get(log.path)
+        if entry is None or entry[0] is not log:
+            log.close()
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            log.close()
+            del self._logs[log.path]
+
     def emit_output(self, proc, stream, data):
         for fn in list(self.output_listeners):
             fn(proc, stream, data)
@@ -2836,15 +4584,50 @@ class Supervisor:
             cpu, rss = sample.get(p.child.pid, (None, None))
             p.cpu_percent, p.memory_bytes = cpu, rss
 
+    def waves(self, procs):
+        """Group apps by dependency depth: each wave needs only earlier waves.
+
+        depends_on names base names; within a wave, start_order then id.
+        """
+        by_base = {}
+        for p in procs:
+            by_base.setdefault(p.spec.base_name or p.name, []).append(p)
+        depth = {}
+
+        def level(base, path=()):
+            if base not in depth:
+                if base in path:
+                    return 0  # a cycle (validate rejects these); break it rather than recurse
+                deps = {d for p in by_base[base] for d in p.spec.depends_on if d in by_base and d != base}
+                depth[base] = 1 + max((level(d, path + (base,)) for d in deps), default=-1)
+            return depth[base]
+
+        waves = [[] for _ in range(1 + max((level(b) for b in by_base), default=-1))]
+        for p in sorted(procs, key=lambda p: (p.spec.start_order, p.rec.id)):
+            waves[depth[p.spec.base_name or p.name]].append(p)
+        return waves
+
+    async def start_in_order(self, procs):
+        """Start apps dependencies first; return the SpawnError messages."""
+        errors = []
+        for wave in self.waves(procs):
+            for p in wave:
+                try:
+                    await p.start()
+                except SpawnError as exc:
+                    errors.append(str(exc))
+        return errors
+
     async def stop_all(self, procs, desired="stopped"):
-        """Stop apps in parallel, each with its own stop timeout."""
-        results = await gather(self.loop, [p.stop(desired) for p in procs])
-        for exc in results:
-            if isinstance(exc, BaseException):
-                self.log(f"stop failed: {exc}")
+        """Stop apps in reverse dependency order: each wave in parallel, each app with its own timeout."""
+        for wave in reversed(self.waves(procs)):
+            results = await gather(self.loop, [p.stop(desired) for p in wave])
+            for exc in results:
+                if isinstance(exc, BaseException):
+                    self.log(f"stop failed: {exc}")
 
 # =============================================================================
-# 13. Daemon (async)
+# 14. Daemon (async)
 # =============================================================================
 
 _OVERSIZE = object()   # queued in place of a request line that was too long
@@ -3077,7 +4860,7 @@ class Daemon:
             "restart": self._handle_restart, "delete": self._handle_delete,
             "list": self._handle_list, "status": self._handle_status, "logs": self._handle_logs,
             "flush": self._handle_flush, "signal": self._handle_signal, "reset": self._handle_reset,
-            "shutdown": self._handle_shutdown,
+            "shutdown": self._handle_shutdown, "apply": self._handle_apply,
         }
 
     # -- logging ------------------------------------------------------------
@@ -3241,12 +5024,9 @@ class Daemon:
             p.rec.pgid = None
         sup.save_now()
         self.ready.set()
-        for p in list(sup.procs.values()):
-            if p.rec.desired == "running" and not self._shutting_down:
-                try:
-                    await p.start()
-                except SpawnError as exc:
-                    self.log(str(exc))
+        wanted = [p for p in sup.procs.values() if p.rec.desired == "running"]
+        for error in await sup.start_in_order(wanted):
+            self.log(error)
 
     def request_shutdown(self, _signum=None):
         if self._shutting_down:
@@ -3312,55 +5092,122 @@ class Daemon:
                 "apps": len(self.sup.procs), "uptime_s": round(time.time() - self.started_at, 3),
                 "home": self.home.root}
 
+    def _specs_from(self, msg):
+        """Validate the 'apps' of a request; names left out are picked from the command."""
+        apps = msg.get("apps")
+        if not isinstance(apps, list) or not apps:
+            raise IpcError("'apps' must be a non-empty list of app definitions")
+        specs = []
+        taken = set()
+        for i, raw in enumerate(apps):
+            if not isinstance(raw, dict):
+                raise IpcError(f"apps[{i}] must be an object")
+            raw = dict(raw)
+            if not raw.get("name") and isinstance(raw.get("command"), str):
+                base = default_app_name(raw["command"])
+                name = self.sup.unique_name(base)
+                n = 1
+                while name in taken:
+                    name = self.sup.unique_name(f"{base}-{n}")
+                    n += 1
+                raw["name"] = name
+            spec = AppSpec.from_dict(raw, where=f"app {raw.get('name') or i!r}")
+            if spec.name in taken:
+                raise DuplicateProcess(f"app {spec.name!r} appears twice in one request")
+            taken.add(spec.name)
+            specs.append(spec)
+        return specs
+
     async def _handle_start(self, msg, conn):
         sup = self.sup
+        warnings = []
         if "targets" in msg:
-            procs = sup.resolve(_arg_targets(msg))
-            started = procs
+            started = sup.resolve(_arg_targets(msg), missing_ok=bool(msg.get("missing_ok")))
+            if not started:
+                raise ProcessNotFound(", ".join(_arg_targets(msg)))
         else:
-            apps = msg.get("apps")
-            if not isinstance(apps, list) or not apps:
-                raise IpcError("'apps' must be a non-empty list of app definitions")
             env = _arg_env(msg) or {}
-            specs = []
-            taken = set()
-            for i, raw in enumerate(apps):
-                if not isinstance(raw, dict):
-                    raise IpcError(f"apps[{i}] must be an object")
-                raw = dict(raw)
-                if not raw.get("name") and isinstance(raw.get("command"), str):
-                    base = default_app_name(raw["command"])
-                    name = sup.unique_name(base)
-                    n = 1
-                    while name in taken:
-                        name = sup.unique_name(f"{base}-{n}")
-                        n += 1
-                    raw["name"] = name
-                spec = AppSpec.from_dict(raw, where=f"app {raw.get('name') or i!r}")
-                if spec.name in taken or sup.by_name(spec.name) is not None:
+            specs = self._specs_from(msg)
+            # "existing": "error" for `start <command>`; "start" for `start <config>` (PM2's habit)
+            existing = msg.get("existing", "error")
+            started = []
+            for spec in specs:
+                proc = sup.by_name(spec.name)
+                if proc is None:
+                    started.append(sup.add(spec, env))
+                elif existing != "start":
                     raise DuplicateProcess(
-                        f"an app named {spec.name!r} already exists; restart it, delete it, "
-                        f"or pick another --name")
-                taken.add(spec.name)
-                specs.append(spec)
-            started = [sup.add(spec, env) for spec in specs]
-        errors = []
-        for proc in started:
-            try:
-                await proc.start()
-            except SpawnError as exc:
-                errors.append(str(exc))
+                        f"an app named {spec.name!r} already exists; restart it, delete it, or pick another --name")
+                else:
+                    if proc.spec.fingerprint() != spec.fingerprint():
+                        warnings.append(f"{spec.name}: already registered with a different definition; "
+                                        f"'oxmgr apply' replaces it")
+                    started.append(proc)
+        errors = await sup.start_in_order(started)
         if errors:
             raise SpawnError("; ".join(errors))
-        return {"ok": True, "processes": self._listing(started)}
+        return {"ok": True, "processes": self._listing(started), "warnings": warnings}
+
+    async def _handle_apply(self, msg, conn):
+        """Reconcile: create new apps, start stopped ones, replace changed ones, leave the rest.
+
+        Instances dropped from an app (a smaller `instances`) are deleted; with
+        prune, so is every app not named in 'keep' (all the files' apps).
+        """
+        sup = self.sup
+        env = _arg_env(msg) or {}
+        specs = self._specs_from(msg)
+        keep = msg.get("keep")
+        if keep is not None and (not isinstance(keep, list) or not all(isinstance(k, str) for k in keep)):
+            raise IpcError("'keep' must be a list of app names")
+        wanted = {spec.name for spec in specs}
+        bases = {spec.base_name or spec.name for spec in specs}
+        doomed = [p for p in sup.procs.values() if p.name not in wanted and (
+            (p.spec.base_name or p.name) in bases or (msg.get("prune") and keep is not None and p.name not in keep))]
+        results = [{"name": p.name, "action": "deleted"} for p in doomed]
+        await gather(self.loop, [p.delete() for p in doomed])
+        for p in doomed:
+            sup.remove(p)
+        errors = []
+        touched = []
+        for spec in specs:
+            proc = sup.by_name(spec.name)
+            try:
+                if proc is None:
+                    proc = sup.add(spec, env)
+                    action = "created"
+                    await proc.start()
+                elif proc.spec.fingerprint() != spec.fingerprint():
+                    action = "replaced"
+                    await proc.replace(spec, env)
+                elif proc.rec.status in ALIVE_STATUSES:
+                    action = "unchanged"
+                else:
+                    action = "started"
+                    await proc.start()
+            except SpawnError as exc:
+                errors.append(str(exc))
+                action = "failed"
+            results.append({"name": spec.name, "action": action})
+            touched.append(proc)
+        reply = {"ok": True, "results": results, "processes": self._listing(touched)}
+        if errors:
+            reply["errors"] = errors
+        return reply
+
+    def _targets(self, msg):
+        procs = self.sup.resolve(_arg_targets(msg), missing_ok=bool(msg.get("missing_ok")))
+        if not procs and msg.get("missing_ok"):
+            raise ProcessNotFound(", ".join(_arg_targets(msg)))
+        return procs
 
     async def _handle_stop(self, msg, conn):
-        procs = self.sup.resolve(_arg_targets(msg))
+        procs = self._targets(msg)
         await self.sup.stop_all(procs)
         return {"ok": True, "processes": self._listing(procs)}
 
     async def _handle_restart(self, msg, conn):
-        procs = self.sup.resolve(_arg_targets(msg))
+        procs = self._targets(msg)
         env = _arg_env(msg) if msg.get("update_env") else None
         results = await gather(self.loop, [p.restart(base_env=env) for p in procs])
         errors = [str(r) for r in results if isinstance(r, BaseException)]
@@ -3369,7 +5216,7 @@ class Daemon:
         return {"ok": True, "processes": self._listing(procs)}
 
     async def _handle_delete(self, msg, conn):
-        procs = self.sup.resolve(_arg_targets(msg))
+        procs = self._targets(msg)
         listing = self._listing(procs)
         await gather(self.loop, [p.delete() for p in procs])
         for p in procs:
@@ -3483,7 +5330,7 @@ def _read_pid(path):
         return None
 
 # =============================================================================
-# 14. Client (sync): blocking sockets with timeouts, no event loop
+# 15. Client (sync): blocking sockets with timeouts, no event loop
 # =============================================================================
 
 
@@ -3710,7 +5557,7 @@ def call(home, op, timeout=CLIENT_TIMEOUT_S, **args):
 
 
 # =============================================================================
-# 15. CLI
+# 16. CLI
 # =============================================================================
 
 _STATUS_COLOURS = {
@@ -3832,9 +5679,36 @@ def _args_start(p):
         kwargs = dict(kwargs)
         kwargs.setdefault("default", None)
         p.add_argument(*flags, dest=dest, **kwargs)
-    p.add_argument("--env", action="append", metavar="NAME=VALUE", help="set a variable (repeatable)")
+    p.add_argument("--env", action="append", metavar="NAME=VALUE",
+                   help="set a variable (repeatable); with a config file, a profile name as in PM2")
     p.add_argument("--time", action="store_true", help="prefix log lines with the time")
     p.add_argument("--no-autorestart", action="store_true", help="same as --restart never")
+    p.add_argument("-i", "--instances", metavar="N", help="run N copies: N, max (one per CPU) or -1")
+    p.add_argument("--instance-var", metavar="NAME", help=f"variable holding the copy's index ({DEFAULT_INSTANCE_VAR})")
+    p.add_argument("--only", metavar="A,B", help="with a config file: only these apps")
+
+
+def _args_config_one(p):
+    p.add_argument("config", help="oxfile.toml or ecosystem.config.{js,cjs,mjs,json,json5}")
+    p.add_argument("--env", metavar="PROFILE", help="apply a profile ([apps.profiles.P] or env_P)")
+    p.add_argument("--only", metavar="A,B", help="only these apps")
+
+
+def _args_config_many(p):
+    p.add_argument("configs", nargs="+", metavar="config", help="config files (their apps merge)")
+    p.add_argument("--env", metavar="PROFILE", help="apply a profile ([apps.profiles.P] or env_P)")
+    p.add_argument("--only", metavar="A,B", help="only these apps")
+
+
+def _args_apply(p):
+    _args_config_many(p)
+    p.add_argument("--prune", action="store_true", help="delete apps that are in none of the files")
+
+
+def _args_convert(p):
+    p.add_argument("source", help="ecosystem.config.{js,cjs,mjs,json,json5}")
+    p.add_argument("-o", "--out", metavar="PATH", help="write here (default: print)")
+    p.add_argument("--env", metavar="PROFILE", help="bake in a profile (default: keep them as profiles)")
 
 
 def _args_targets(p):
@@ -3898,6 +5772,10 @@ _SUBCOMMANDS = (
     (("flush",), "empty log files", _args_flush),
     (("signal",), "send a signal to apps' process groups", _args_signal),
     (("reset",), "zero restart counters", _args_targets),
+    (("import",), "start the apps of a config file", _args_config_one),
+    (("apply",), "make the running apps match config files (idempotent)", _args_apply),
+    (("convert",), "turn a PM2 ecosystem file into an oxfile.toml", _args_convert),
+    (("validate",), "check config files without a daemon", _args_config_many),
     (("daemon",), "run, stop or check the daemon", _args_daemon),
 )
 
@@ -3943,13 +5821,67 @@ def _looks_like_target(text):
     return text == "all" or text.isdigit() or not any(c.isspace() or c in "/." for c in text)
 
 
+def _is_config_path(text):
+    """True for an existing config file; like PM2, a plain app.js is a script, app.config.js a config."""
+    lower = text.lower()
+    if lower.endswith((".js", ".cjs", ".mjs")):
+        return ".config." in os.path.basename(lower) and os.path.isfile(text)
+    return lower.endswith(CONFIG_SUFFIXES) and os.path.isfile(text)
+
+
+def _print_warnings(warnings):
+    for warning in warnings:
+        print(f"oxmgr: warning: {warning}", file=sys.stderr)
+
+
+def _load(paths, profile=None, only=None):
+    config = load_config(paths, profile, only)
+    _print_warnings(config.warnings)
+    return config
+
+
+def _start_config(home, paths, profile, only):
+    config = _load(paths, profile, only)
+    reply = call(home, "start", timeout=CLIENT_LONG_TIMEOUT_S, apps=[a.to_dict() for a in config.apps],
+                 env=dict(os.environ), existing="start")
+    _print_warnings(reply.get("warnings", ()))
+    _print_done("started", reply)
+    return EXIT_OK
+
+
+def _expand_cli_instances(spec, args):
+    """`start <command> -i N`: the same expansion a config file gets."""
+    if args.instances is None:
+        return [spec]
+    try:
+        count = _cpu_instances(args.instances)
+    except ValueError as exc:
+        raise UsageError(f"--instances {args.instances!r}: {exc}") from None
+    if count < 1:
+        raise UsageError(f"--instances {args.instances!r}: expected a number >= 1, max or -1")
+    if args.instance_var:
+        spec["instance_var"] = args.instance_var
+    if count == 1:
+        return [spec]
+    base = spec.get("name") or default_app_name(spec["command"])
+    return [dict(spec, name=f"{base}-{i}", base_name=base, instance=i, instances=count) for i in range(count)]
+
+
 def cmd_start(args):
     home = Home()
     parts = args.cmd
     spec_flags = {dest: getattr(args, dest) for _, dest, _ in _START_FLAGS}
     given = {k: v for k, v in spec_flags.items() if v is not None}
+    if len(parts) == 1 and _is_config_path(parts[0]):
+        profiles = [e for e in args.env or () if "=" not in e]
+        if len(profiles) > 1 or len(profiles) != len(args.env or ()) or given:
+            raise UsageError("with a config file, start takes --env PROFILE and --only; "
+                             "put other settings in the file")
+        return _start_config(home, parts, profiles[0] if profiles else None, args.only)
+    if args.only:
+        raise UsageError("--only goes with a config file")
     if len(parts) == 1 and not given and not args.env and not args.time and not args.no_autorestart \
-            and _looks_like_target(parts[0]):
+            and args.instances is None and _looks_like_target(parts[0]):
         try:
             reply = call(home, "start", timeout=CLIENT_LONG_TIMEOUT_S, targets=[parts[0]])
         except ProcessNotFound:
@@ -3978,20 +5910,77 @@ def cmd_start(args):
     for key in ("out_file", "err_file"):
         if spec.get(key):
             spec[key] = os.path.abspath(spec[key])
-    check = dict(spec)
-    check.setdefault("name", default_app_name(command))
-    try:
-        AppSpec.from_dict(check, where="start")
-    except ConfigError as exc:
-        raise UsageError(str(exc)) from None
-    reply = call(home, "start", timeout=CLIENT_LONG_TIMEOUT_S, apps=[spec], env=dict(os.environ))
+    specs = _expand_cli_instances(spec, args)
+    for one in specs:
+        check = dict(one)
+        check.setdefault("name", default_app_name(command))
+        try:
+            AppSpec.from_dict(check, where="start")
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+    reply = call(home, "start", timeout=CLIENT_LONG_TIMEOUT_S, apps=specs, env=dict(os.environ))
     _print_done("started", reply)
     return EXIT_OK
 
 
+def cmd_import(args):
+    return _start_config(Home(), [args.config], args.env, args.only)
+
+
+def cmd_apply(args):
+    config = _load(args.configs, args.env, args.only)
+    reply = call(Home(), "apply", timeout=CLIENT_LONG_TIMEOUT_S, apps=[a.to_dict() for a in config.apps],
+                 env=dict(os.environ), prune=args.prune, keep=config.all_names)
+    counts = {}
+    for item in reply["results"]:
+        counts[item["action"]] = counts.get(item["action"], 0) + 1
+        print(f"{item['action']:<9} {item['name']}")
+    print("apply: " + ", ".join(f"{n} {action}" for action, n in sorted(counts.items())))
+    for error in reply.get("errors", ()):
+        print(f"oxmgr: error: {error}", file=sys.stderr)
+    return EXIT_ERROR if reply.get("errors") else EXIT_OK
+
+
+def cmd_convert(args):
+    config = _load([args.source], args.env)
+    text = dump_oxfile(config, args.env)
+    if not args.out:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as exc:
+        raise OxmgrError(f"cannot write {args.out!r}: {exc}") from None
+    print(f"wrote {args.out} ({len(config.groups)} apps); check it with: oxmgr validate {args.out}")
+    return EXIT_OK
+
+
+def cmd_validate(args):
+    config = _load(args.configs, args.env, args.only)
+    order = ", ".join(spec.name for spec in config.apps)
+    print(f"ok: {len(config.groups)} apps, {len(config.apps)} processes; start order: {order}")
+    return EXIT_OK
+
+
+def _expand_targets(targets):
+    """Replace config-file targets by their apps' names; say whether any were files."""
+    names = []
+    from_files = False
+    for target in targets:
+        if _is_config_path(target):
+            # base names: all instances of each app, whatever profile started them
+            names.extend(spec.base_name or spec.name for _, spec, _, _ in load_config([target]).groups)
+            from_files = True
+        else:
+            names.append(target)
+    return names, from_files
+
+
 def _simple(op, verb, **extra):
     def run(args):
-        reply = call(Home(), op, timeout=CLIENT_LONG_TIMEOUT_S, targets=args.targets, **extra)
+        targets, from_files = _expand_targets(args.targets)
+        reply = call(Home(), op, timeout=CLIENT_LONG_TIMEOUT_S, targets=targets, missing_ok=from_files, **extra)
         _print_done(verb, reply)
         return EXIT_OK
     return run
@@ -4171,11 +6160,15 @@ COMMANDS = {
     "flush": cmd_flush,
     "signal": cmd_signal,
     "reset": _simple("reset", "reset"),
+    "import": cmd_import,
+    "apply": cmd_apply,
+    "convert": cmd_convert,
+    "validate": cmd_validate,
     "daemon": cmd_daemon,
 }
 
 # =============================================================================
-# 16. Entry point
+# 17. Entry point
 # =============================================================================
 
 
@@ -4225,7 +6218,8 @@ def main(argv=None):
     try:
         return COMMANDS[args.command](args)
     except OxmgrError as exc:
-        print(f"oxmgr: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:
+            print(f"oxmgr: error: {line}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

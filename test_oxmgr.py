@@ -596,6 +596,710 @@ class TestStateStore(HomeTestCase):
         self.assertEqual(oxmgr.load_state(self.home), (0, [], []))
 
 
+# -- 8. config files -------------------------------------------------------------------------
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    tomllib = None
+
+EXAMPLES = os.path.join(HERE, "examples")
+HAVE_NODE = oxmgr._which("node") is not None
+
+# The oxfile of the Oxmgr README, as printed there.
+OXMGR_README_OXFILE = """
+version = 1
+
+[defaults]
+restart_policy = "on_failure"
+max_restarts = 10
+stop_timeout_secs = 5
+max_memory_mb = 256
+
+[[apps]]
+name = "db"
+command = "docker compose up db"
+start_order = 0
+
+[[apps]]
+name = "api"
+command = "node server.js"
+depends_on = ["db"]
+instances = 2
+instance_var = "INSTANCE_ID"
+restart_delay_secs = 2
+start_delay_secs = 1
+stop_signal = "SIGINT"
+stop_timeout_secs = 8
+namespace = "backend"
+max_cpu_percent = 80
+
+[apps.env]
+BASE = "1"
+
+[apps.profiles.prod]
+instances = 4
+start_order = 1
+max_memory_mb = 768
+
+[apps.profiles.prod.env]
+NODE_ENV = "production"
+"""
+
+GOOD_OXFILE = """
+version = 1
+[defaults]
+stop_timeout_secs = 2
+[defaults.env]
+SHARED = "yes"
+[[apps]]
+name = "one"
+command = "python3 -c 'print(1)'"
+[apps.env]
+OWN = "1"
+"""
+
+SYNTAX_FORMS = r'''
+# comment
+bare = 'literal \no escape'
+"quoted key" = "tab\there \u00e9 \U0001F600 \"q\" \\"
+dotted.key.path = 1
+dotted.other = true
+ints = [1_000, +7, -3, 0xff, 0xDEAD_beef, 0o755, 0b1010, 0]
+floats = [1.5, -0.25, 3e2, 6.02E+23, 1_0.0_1, inf, -inf, +inf]
+nested = [[1, 2], ["a", 'b'], [], [ { x = 1 } ]]
+multiline = [  # comment inside
+    "a",
+    "b",  # trailing comma follows
+]
+ml = """
+first
+second \
+    joined"""
+ml2 = """quotes "" inside and at the end"""""
+lit_ml = QQQ
+raw \n text QQQ
+inline = { a = 1, b.c = "x", d = [1, 2] }
+[table]
+key = "value"
+[table.sub]
+deep = false
+[[arr]]
+n = 1
+[[arr]]
+n = 2
+[arr.child]
+c = 3
+[[arr.items]]
+i = 1
+'''.replace("QQQ", "'''")
+
+# A PM2 ecosystem file that uses every field the config issue names.
+PM2_EVERY_FIELD = {
+    "apps": [
+        {
+            "name": "api",
+            "script": "server.js",
+            "args": ["--port", "3000"],
+            "node_args": "--max-old-space-size=256",
+            "cwd": "srv",
+            "instances": 3,
+            "exec_mode": "cluster",
+            "instance_var": "INSTANCE_ID",
+            "increment_var": "PORT",
+            "env": {"PORT": 3000, "DEBUG": False, "RATIO": 0.5, "NAME": "api", "EMPTY": None},
+            "env_staging": {"NODE_ENV": "staging", "PORT": 4000},
+            "autorestart": True,
+            "max_restarts": 7,
+            "min_uptime": 5000,
+            "restart_delay": 1500,
+            "kill_timeout": 8000,
+            "listen_timeout": 12000,
+            "wait_ready": True,
+            "stop_exit_codes": [0, 3],
+            "exp_backoff_restart_delay": 200,
+            "max_memory_restart": "150M",
+            "cron_restart": "0 */6 * * *",
+            "watch": ["src", "config"],
+            "ignore_watch": ["node_modules", "\\.log$"],
+            "watch_delay": 2000,
+            "out_file": "logs/api.out.log",
+            "error_file": "logs/api.err.log",
+            "log_file": "logs/api.log",
+            "time": True,
+            "namespace": "web",
+        },
+        {
+            "name": "worker",
+            "script": "worker.py",
+            "interpreter_args": ["-u"],
+            "instances": "max",
+            "autorestart": False,
+            "log_date_format": "YYYY-MM-DD HH:mm:ss",
+            "merge_logs": True,
+            "out_file": "logs/worker.log",
+            "cron_restart": "*/30 * * * * *",
+        },
+        {"name": "tool", "script": "./bin/tool", "interpreter": "none", "instances": -1, "watch": True},
+        {"name": "sh", "script": "job.sh", "args": "--fast 'two words'", "instances": 0},
+    ]
+}
+
+
+def normalise_nan(value):
+    if isinstance(value, float) and value != value:
+        return "nan"
+    if isinstance(value, list):
+        return [normalise_nan(v) for v in value]
+    if isinstance(value, dict):
+        return {k: normalise_nan(v) for k, v in value.items()}
+    return value
+
+
+def generate_toml(rng):
+    """A random TOML document in the oxfile subset, written in varied styles."""
+    def key():
+        if rng.random() < 0.8:
+            return rng.choice(["name", "command", "a", "b_c", "x-y", "K9", "max_restarts", "env", "z"]) + \
+                str(rng.randint(0, 50))
+        return '"' + rng.choice(["with space", "dot.in.key", "é", "tab\\tkey"]) + str(rng.randint(0, 9)) + '"'
+
+    def string():
+        kind = rng.randint(0, 3)
+        words = ["node", "server.js", "--port", "3000", "é", "日本", "$HOME", "a#b", "x=1", "'"]
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(0, 4)))
+        if kind == 0:
+            return '"' + text + rng.choice(["", "\\n", "\\t", "\\\"", "\\u00e9", "\\\\"]) + '"'
+        if kind == 1:
+            return "'" + text.replace("'", "") + "'"
+        if kind == 2:
+            return '"""\n' + text + "\nmore " + rng.choice(["", "\\\n   joined", "\"\" two quotes"]) + '"""'
+        return "'''\n" + text.replace("'", "") + "\n'''"
+
+    def scalar():
+        choice = rng.randint(0, 5)
+        if choice == 0:
+            return str(rng.randint(-10 ** 6, 10 ** 6))
+        if choice == 1:
+            return rng.choice(["1_000", "0x1F", "0o17", "0b101", "+42", "-0"])
+        if choice == 2:
+            return rng.choice(["1.5", "-0.01", "2e3", "6.5E-2", "inf", "-inf", "nan", "3.0", "1e+2"])
+        if choice == 3:
+            return rng.choice(["true", "false"])
+        return string()
+
+    def value(depth=0):
+        r = rng.random()
+        if depth < 2 and r < 0.15:
+            items = [value(depth + 1) for _ in range(rng.randint(0, 3))]
+            sep = rng.choice([", ", ",\n  ", " , ", ",  # c\n"])
+            trailing = "," if items and rng.random() < 0.3 else ""
+            return "[" + sep.join(items) + trailing + "]"
+        if depth < 2 and r < 0.25:
+            keys = {key() for _ in range(rng.randint(0, 3))}
+            return "{ " + ", ".join(f"{k} = {value(depth + 1)}" for k in keys) + " }"
+        return scalar()
+
+    lines = []
+    used = set()
+
+    def pairs(n):
+        for _ in range(n):
+            k = key()
+            if k in used:
+                continue
+            used.add(k)
+            lines.append(f"{k} = {value()}" + rng.choice(["", "  # note", "\t"]))
+
+    pairs(rng.randint(0, 4))
+    headers = set()
+    for t in range(rng.randint(0, 4)):
+        header = rng.choice([f"[table{t}]", "[[apps]]", f"[section{t}.sub]", f"[\"quoted {t}\"]"])
+        if header in headers and not header.startswith("[["):
+            continue
+        headers.add(header)
+        used.clear()
+        lines.append("")
+        lines.append(header)
+        pairs(rng.randint(1, 5))
+        if header == "[[apps]]" and rng.random() < 0.4:
+            used.clear()
+            lines.append("[apps.env]")
+            pairs(rng.randint(1, 3))
+    return "\n".join(lines) + "\n"
+
+
+class ConfigTestCase(unittest.TestCase):
+
+    def setUp(self):
+        tmp = tempfile.TemporaryDirectory(prefix="oxcfg")
+        self.addCleanup(tmp.cleanup)
+        self.dir = tmp.name
+
+    def write(self, name, text):
+        path = os.path.join(self.dir, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text) if isinstance(text, str) else json.dumps(text))
+        return path
+
+    def load(self, name, text, profile=None, only=None):
+        return oxmgr.load_config([self.write(name, text)], profile, only)
+
+    def by_name(self, config):
+        return {spec.name: spec for spec in config.apps}
+
+
+class TestTomlReader(ConfigTestCase):
+
+    def both(self, text):
+        mine = oxmgr.toml_loads(text, "t.toml", builtin=True)
+        if tomllib is not None:
+            self.assertEqual(normalise_nan(mine), normalise_nan(tomllib.loads(text)), text)
+        return mine
+
+    def test_every_oxfile_in_the_repo_and_tests(self):
+        docs = [OXMGR_README_OXFILE, GOOD_OXFILE, SYNTAX_FORMS]
+        for root, _, files in os.walk(HERE):
+            for name in files:
+                if name.endswith(".toml"):
+                    with open(os.path.join(root, name)) as f:
+                        docs.append(f.read())
+        self.assertGreaterEqual(len(docs), 4)
+        for doc in docs:
+            with self.subTest(doc=doc[:40]):
+                self.both(doc)
+
+    def test_syntax_forms(self):
+        data = self.both(SYNTAX_FORMS)
+        self.assertEqual(data["ints"], [1000, 7, -3, 255, 0xDEADBEEF, 0o755, 10, 0])
+        self.assertEqual(data["ml"], "first\nsecond joined")
+        self.assertEqual(data["ml2"], 'quotes "" inside and at the end""')
+        self.assertEqual(data["lit_ml"], "raw \\n text ")
+        self.assertEqual(data["inline"], {"a": 1, "b": {"c": "x"}, "d": [1, 2]})
+        self.assertEqual(data["arr"][1]["child"], {"c": 3})
+        self.assertEqual(data["dotted"], {"key": {"path": 1}, "other": True})
+
+    def test_generated_corpus_matches_tomllib(self):
+        import random
+        rng = random.Random(1234)
+        for i in range(400):
+            doc = generate_toml(rng)
+            with self.subTest(i=i, doc=doc):
+                self.both(doc)
+
+    def test_outside_the_subset_or_invalid_is_an_error(self):
+        for doc in ["when = 2024-01-02", "t = 07:32:00", "d = 1979-05-27T07:32:00Z"]:
+            with self.subTest(doc=doc):  # valid TOML, outside the subset: a clear error, never a guess
+                with self.assertRaises(oxmgr.ConfigError) as cm:
+                    oxmgr.toml_loads(doc, "dates.toml", builtin=True)
+                self.assertIn("outside the TOML subset", str(cm.exception))
+                self.assertIn("use Python 3.11+ or install tomli", str(cm.exception))
+        cases = ["a = 1\na = 2", "[t]\n[t]", "a = [1\n", "s = \"unterminated", "k = \"bad \\q escape\"",
+                 "x = 1 2", "[[a]]\n[a]", "a = 1\n[a]", "v = {a = 1}\nv.b = 2", "= 1", "n = 01", "n = 1__0",
+                 "s = 'line\nbreak'", "[a]\nb.c = 1\n[a.b]", "key", "f = .5", "f = 5.", "b = True",
+                 "arr = []\n[[arr]]", "inline = { a = 1, }", "s = \"\\uD800\""]
+        for doc in cases:
+            with self.subTest(doc=doc):
+                with self.assertRaises(oxmgr.ConfigError) as cm:
+                    oxmgr.toml_loads(doc, "bad.toml", builtin=True)
+                self.assertRegex(str(cm.exception), r"^bad\.toml:\d+:\d+: ")
+                if tomllib is not None:
+                    with self.assertRaises(tomllib.TOMLDecodeError):
+                        tomllib.loads(doc)
+
+
+class TestOxfile(ConfigTestCase):
+
+    def test_oxmgr_readme_example(self):
+        config = self.load("oxfile.toml", OXMGR_README_OXFILE)
+        apps = self.by_name(config)
+        self.assertEqual([a.name for a in config.apps], ["db", "api-0", "api-1"])
+        api = apps["api-1"]
+        self.assertEqual((api.base_name, api.instance, api.instances, api.instance_var), ("api", 1, 2, "INSTANCE_ID"))
+        self.assertEqual(api.command, "node server.js")
+        self.assertEqual(api.restart_policy, "on-failure")
+        self.assertEqual(api.max_restarts, 10)
+        self.assertEqual((api.restart_delay_s, api.start_delay_s, api.stop_timeout_s), (2.0, 1.0, 8.0))
+        self.assertEqual(api.stop_signal, "SIGINT")
+        self.assertEqual(api.namespace, "backend")
+        self.assertEqual(api.max_cpu_percent, 80.0)
+        self.assertEqual(api.max_memory_bytes, 256 << 20)
+        self.assertEqual(api.env, {"BASE": "1"})
+        self.assertEqual(api.depends_on, ["db"])
+        self.assertEqual(apps["db"].stop_timeout_s, 5.0)
+        self.assertEqual(apps["db"].cwd, self.dir)  # no cwd: the file's directory
+        self.assertEqual(oxmgr.child_environment(api, {}, 3)["INSTANCE_ID"], "1")
+        prod = self.by_name(self.load("oxfile.toml", OXMGR_README_OXFILE, profile="prod"))
+        self.assertEqual(sorted(prod), ["api-0", "api-1", "api-2", "api-3", "db"])
+        self.assertEqual(prod["api-3"].env, {"BASE": "1", "NODE_ENV": "production"})
+        self.assertEqual(prod["api-0"].max_memory_bytes, 768 << 20)
+        self.assertEqual(prod["db"].max_memory_bytes, 256 << 20)
+
+    def test_layers_expansion_and_paths(self):
+        os.environ["OXT_DIR"] = "/srv/data"
+        self.addCleanup(os.environ.pop, "OXT_DIR")
+        text = """
+            version = 1
+            [defaults]
+            cwd = "apps"
+            [defaults.env]
+            A = "default"
+            B = "default"
+            [[apps]]
+            name = "web"
+            command = "./web --data $OXT_DIR"
+            depends_on = ["base"]
+            [apps.env]
+            B = "app"
+            DATA = "${OXT_DIR}/web"
+            UNSET = "x${OXT_NOPE_UNSET}y"
+            FALLBACK = "${OXT_NOPE_UNSET:-dflt}"
+            HOME_DIR = "~"
+            DOLLAR = "$$5"
+            [apps.logs]
+            out = "~/web.out"
+            err = "logs/web.err"
+            max_size_mb = 1.5
+            max_files = 2
+            max_days = 3
+            [apps.profiles.qa]
+            depends_on = []
+            [apps.profiles.qa.env]
+            A = "qa"
+            [[apps]]
+            name = "base"
+            command = "true"
+            cwd = "/abs"
+            [[apps]]
+            name = "off"
+            command = "true"
+            disabled = true
+        """
+        config = self.load("sub/oxfile.toml", text)
+        apps = self.by_name(config)
+        self.assertEqual(sorted(apps), ["base", "web"])  # disabled apps are skipped
+        web = apps["web"]
+        sub = os.path.join(self.dir, "sub")
+        self.assertEqual(web.cwd, os.path.join(sub, "apps"))
+        self.assertEqual(apps["base"].cwd, "/abs")
+        self.assertEqual(web.env, {"A": "default", "B": "app", "DATA": "/srv/data/web", "UNSET": "xy",
+                                   "FALLBACK": "dflt", "HOME_DIR": os.path.expanduser("~"), "DOLLAR": "$5"})
+        self.assertEqual(web.command, "./web --data $OXT_DIR")  # the shell expands commands, at run time
+        self.assertEqual(web.out_file, os.path.expanduser("~/web.out"))
+        self.assertEqual(web.err_file, os.path.join(sub, "apps", "logs", "web.err"))
+        self.assertEqual((web.log_max_bytes, web.log_max_files, web.log_max_age_s),
+                         (int(1.5 * (1 << 20)), 2, 3 * 86400.0))
+        self.assertTrue(any("$OXT_NOPE_UNSET is not set" in w for w in config.warnings), config.warnings)
+        self.assertEqual([a.name for a in config.apps], ["base", "web"])
+        qa = self.by_name(self.load("sub/oxfile.toml", text, "qa"))
+        self.assertEqual(qa["web"].env["A"], "qa")
+        self.assertEqual(qa["web"].depends_on, [])  # a profile's depends_on replaces the app's
+
+    def test_every_key_maps(self):
+        config = self.load("oxfile.toml", r"""
+            version = 1
+            [[apps]]
+            name = "full"
+            command = "python3 app.py"
+            namespace = "ns"
+            restart_policy = "always"
+            max_restarts = 3
+            crash_restart_limit = 4
+            restart_delay_secs = 0.5
+            start_delay_secs = 2
+            min_uptime_secs = 3
+            exp_backoff = true
+            exp_backoff_max_secs = 30
+            stop_signal = "SIGQUIT"
+            stop_timeout_secs = 9
+            stop_exit_codes = [0, 2]
+            health_cmd = "curl -fsS localhost:1/health"
+            health_http = "http://127.0.0.1:1/health"
+            health_tcp = "127.0.0.1:1"
+            health_interval_secs = 15
+            health_timeout_secs = 3
+            health_max_failures = 5
+            wait_ready = true
+            ready_tcp = "127.0.0.1:1"
+            ready_timeout_secs = 20
+            max_memory_mb = 512
+            max_cpu_percent = 90.5
+            watch = ["src"]
+            ignore_watch = ['\.tmp$']
+            watch_delay_secs = 2
+            cron_restart = "0 3 * * *"
+            log_date_format = "YYYY-MM-DD"
+            listen = ["tcp://127.0.0.1:3000", "unix:/tmp/app.sock"]
+            cluster_mode = true
+            git_repo = "x"
+            mystery = 1
+        """)
+        spec = config.apps[0]
+        expected = {"namespace": "ns", "restart_policy": "always", "max_restarts": 3, "crash_restart_limit": 4,
+                    "restart_delay_s": 0.5, "start_delay_s": 2.0, "min_uptime_s": 3.0, "exp_backoff": True,
+                    "backoff_max_s": 30.0, "stop_signal": "SIGQUIT", "stop_timeout_s": 9.0, "stop_exit_codes": [0, 2],
+                    "health_cmd": "curl -fsS localhost:1/health", "health_http": "http://127.0.0.1:1/health",
+                    "health_tcp": "127.0.0.1:1", "health_interval_s": 15.0, "health_timeout_s": 3.0,
+                    "health_max_failures": 5, "wait_ready": True, "ready_tcp": "127.0.0.1:1",
+                    "ready_timeout_s": 20.0, "max_memory_bytes": 512 << 20, "max_cpu_percent": 90.5,
+                    "watch": ["src"], "ignore_watch": ["\\.tmp$"], "watch_delay_s": 2.0, "cron_restart": "0 3 * * *",
+                    "log_date_format": "%Y-%m-%d", "listen": ["tcp://127.0.0.1:3000", "unix:/tmp/app.sock"]}
+        for key, value in expected.items():
+            with self.subTest(key=key):
+                self.assertEqual(getattr(spec, key), value)
+        warnings = "\n".join(config.warnings)
+        self.assertIn("cluster_mode: not supported by oxmgr.py, ignored; use instances", warnings)
+        self.assertIn("git_repo: not supported", warnings)
+        self.assertIn("mystery: unknown key, ignored", warnings)
+
+    def test_example_web_stack(self):
+        path = os.path.join(EXAMPLES, "oxfile.toml")
+        config = oxmgr.load_config([path])
+        self.assertEqual([a.name for a in config.apps], ["db", "api-0", "api-1", "worker"])
+        apps = self.by_name(config)
+        self.assertEqual(apps["api-1"].cwd, os.path.join(EXAMPLES, "apps"))
+        self.assertEqual(apps["worker"].depends_on, ["api"])
+        self.assertEqual(apps["api-0"].env["LOG_LEVEL"], "info")
+        prod = oxmgr.load_config([path], profile="prod")
+        self.assertEqual(len(prod.apps), 6)
+        self.assertEqual(self.by_name(prod)["api-3"].env["LOG_LEVEL"], "warning")
+        only = oxmgr.load_config([path], only="api,worker")
+        self.assertEqual([a.name for a in only.apps], ["api-0", "api-1", "worker"])
+        self.assertEqual(only.all_names, ["db", "api-0", "api-1", "worker"])
+
+
+class TestEcosystem(ConfigTestCase):
+
+    def test_every_field(self):
+        config = self.load("ecosystem.config.json", PM2_EVERY_FIELD, profile="staging")
+        apps = self.by_name(config)
+        cpus = os.cpu_count()
+        self.assertEqual(sorted(n for n in apps if n.startswith("api")), ["api-0", "api-1", "api-2"])
+        api = apps["api-2"]
+        srv = os.path.join(self.dir, "srv")
+        self.assertEqual(api.cwd, srv)
+        self.assertEqual(api.command, "server.js --port 3000")
+        self.assertEqual((api.interpreter, api.interpreter_args), ("node", ["--max-old-space-size=256"]))
+        self.assertEqual(oxmgr.resolve_argv(api), ["node", "--max-old-space-size=256", "server.js", "--port", "3000"])
+        self.assertEqual(api.env, {"PORT": "4002", "DEBUG": "false", "RATIO": "0.5", "NAME": "api", "EMPTY": "",
+                                   "NODE_ENV": "staging"})
+        self.assertEqual(oxmgr.child_environment(api, {}, 0)["INSTANCE_ID"], "2")
+        self.assertEqual(api.restart_policy, "on-failure")
+        self.assertEqual(api.max_restarts, 7)
+        self.assertEqual((api.min_uptime_s, api.stop_timeout_s, api.ready_timeout_s), (5.0, 8.0, 12.0))  # ms
+        self.assertEqual(api.restart_delay_s, 0.2)  # exp_backoff_restart_delay sets the base delay
+        self.assertEqual((api.exp_backoff, api.backoff_factor), (True, 1.5))
+        self.assertTrue(api.wait_ready)
+        self.assertEqual(api.stop_exit_codes, [0, 3])
+        self.assertEqual(api.max_memory_bytes, 150 << 20)
+        self.assertEqual(api.cron_restart, "0 */6 * * *")
+        self.assertEqual((api.watch, api.ignore_watch, api.watch_delay_s),
+                         (["src", "config"], ["node_modules", "\\.log$"], 2.0))
+        self.assertEqual(api.out_file, os.path.join(srv, "logs", "api.out-2.log"))
+        self.assertEqual(api.err_file, os.path.join(srv, "logs", "api.err-2.log"))
+        self.assertEqual(api.combined_file, os.path.join(srv, "logs", "api-2.log"))
+        self.assertEqual(api.log_date_format, oxmgr.DEFAULT_TIME_FORMAT)
+        self.assertEqual(api.namespace, "web")
+        workers = [a for a in config.apps if a.base_name == "worker"]
+        self.assertEqual(len(workers), cpus)
+        worker = workers[0]
+        self.assertEqual(worker.interpreter, sys.executable)
+        self.assertEqual(worker.interpreter_args, ["-u"])
+        self.assertEqual(worker.restart_policy, "never")
+        self.assertEqual(worker.log_date_format, "%Y-%m-%d %H:%M:%S")
+        self.assertTrue(worker.merge_logs)
+        self.assertEqual(worker.out_file, os.path.join(self.dir, "logs", "worker.log"))  # shared, not suffixed
+        self.assertEqual(worker.cron_restart, "*/30 * * * * *")
+        tool = [a for a in config.apps if a.base_name == "tool"]
+        self.assertEqual(len(tool), max(1, cpus - 1))
+        self.assertIsNone(tool[0].interpreter)
+        self.assertEqual(oxmgr.resolve_argv(tool[0]), ["./bin/tool"])
+        self.assertEqual(tool[0].watch, ["."])
+        sh = [a for a in config.apps if a.base_name == "sh"][0]
+        self.assertEqual(oxmgr.resolve_argv(sh), ["bash", "job.sh", "--fast", "two words"])
+        self.assertIn("exec_mode: cluster runs 3 separate processes", "\n".join(config.warnings))
+
+    def test_profile_only_when_asked(self):
+        apps = self.by_name(self.load("ecosystem.config.json", PM2_EVERY_FIELD, only="api"))
+        self.assertEqual(apps["api-0"].env["PORT"], "3000")
+        self.assertNotIn("NODE_ENV", apps["api-0"].env)
+
+    def test_unknown_and_ignored_keys_warn(self):
+        config = self.load("e.json", {"apps": [{"name": "a", "script": "a.js", "vizion": False, "uid": "www",
+                                                "scirpt_typo": 1}]})
+        text = "\n".join(config.warnings)
+        self.assertIn("vizion: not supported by oxmgr.py, ignored", text)
+        self.assertIn("uid: not supported by oxmgr.py, ignored; run oxmgr as that user instead", text)
+        self.assertIn("scirpt_typo: unknown key, ignored", text)
+
+    def test_single_app_and_bare_array_forms(self):
+        self.assertEqual([a.name for a in self.load("one.json", {"name": "solo", "script": "x.js"}).apps], ["solo"])
+        self.assertEqual([a.name for a in self.load("arr.json", [{"script": "srv.js"}]).apps], ["srv"])
+
+    def test_json5(self):
+        config = self.load("ecosystem.config.json5", """
+            // comments, unquoted keys, single quotes, trailing commas
+            {
+              apps: [{
+                name: 'five', script: "app.js", /* block */ instances: 0x2,
+                env: { A: 'it\\'s', B: +1.5e1, C: Infinity, },
+              },],
+            }
+        """)
+        apps = self.by_name(config)
+        self.assertEqual(sorted(apps), ["five-0", "five-1"])
+        self.assertEqual(apps["five-0"].env, {"A": "it's", "B": "15.0", "C": "inf"})
+
+    def test_js_twin_equals_json_with_and_without_node(self):
+        json_apps = oxmgr.load_config([os.path.join(EXAMPLES, "ecosystem.config.json")]).apps
+        with mock.patch.dict(os.environ, {"OXMGR_NODE": "/nonexistent/node"}):
+            literal_apps = oxmgr.load_config([os.path.join(EXAMPLES, "ecosystem.config.js")]).apps
+        self.assertEqual(literal_apps, json_apps)
+        self.assertEqual([a.name for a in json_apps], ["api-0", "api-1", "worker"])
+        if HAVE_NODE:
+            self.assertEqual(oxmgr.load_config([os.path.join(EXAMPLES, "ecosystem.config.js")]).apps, json_apps)
+
+    @unittest.skipUnless(HAVE_NODE, "node is not installed")
+    def test_js_with_dirname_and_process_env(self):
+        os.environ["OXT_PORT"] = "4567"
+        self.addCleanup(os.environ.pop, "OXT_PORT")
+        path = self.write("deploy/ecosystem.config.js", """
+            const path = require('path');
+            module.exports = {
+              apps: [{
+                name: 'dyn',
+                script: path.join(__dirname, 'bin', 'server.js'),
+                env: { PORT: process.env.OXT_PORT || 3000, ROOT: __dirname },
+              }],
+            };
+        """)
+        spec = oxmgr.load_config([path]).apps[0]
+        deploy = os.path.join(self.dir, "deploy")
+        self.assertEqual(spec.env, {"PORT": "4567", "ROOT": deploy})
+        self.assertEqual(oxmgr.resolve_argv(spec), ["node", os.path.join(deploy, "bin", "server.js")])
+        mjs = self.write("esm/ecosystem.config.mjs", "export default { apps: [{ name: 'esm', script: 'a.js', "
+                                                     "env: { N: [1, 2].length } }] };\n")
+        self.assertEqual(oxmgr.load_config([mjs]).apps[0].env, {"N": "2"})
+        with mock.patch.dict(os.environ, {"OXMGR_NODE": "/nonexistent/node"}):
+            with self.assertRaises(oxmgr.ConfigError) as cm:
+                oxmgr.load_config([path])
+        message = str(cm.exception)
+        self.assertIn("ecosystem.config.js:6:", message)
+        self.assertIn("install node", message)
+        broken = self.write("boom.config.js", "throw new Error('boom');\n")
+        with self.assertRaises(oxmgr.ConfigError) as cm:
+            oxmgr.load_config([broken])
+        self.assertIn("node could not evaluate it: Error: boom", str(cm.exception))
+
+    def test_convert_round_trip(self):
+        for source in ("ecosystem.config.json", "ecosystem.config.js"):
+            path = os.path.join(EXAMPLES, source)
+            for profile in (None, "production"):
+                with self.subTest(source=source, profile=profile):
+                    text = oxmgr.dump_oxfile(oxmgr.load_config([path], profile), profile)
+                    again = oxmgr.load_config([self.write(f"converted-{profile}.toml", text)], profile="production")
+                    self.assertEqual(again.apps, oxmgr.load_config([path], profile="production").apps, text)
+        everything = self.write("every.json", PM2_EVERY_FIELD)
+        text = oxmgr.dump_oxfile(oxmgr.load_config([everything], "staging"), "staging")
+        again = oxmgr.load_config([self.write("every.toml", text)])
+        self.assertEqual(again.apps, oxmgr.load_config([everything], "staging").apps, text)
+
+
+# Broken configs: (file name, content, fragments that the one message must contain).
+BROKEN_CONFIGS = [
+    ("syntax.toml", "version = 1\n[[apps]]\nname = 'a'\ncommand = \n", ["syntax.toml:4:"]),
+    ("syntax.json", '{"apps": [{"name": "a",, "script": "x"}]}', ["syntax.json:1:", "invalid JSON"]),
+    ("deps.toml", "[[apps]]\nname='a'\ncommand='x'\ndepends_on=['ghost']",
+     ["app 'a': depends_on: unknown app 'ghost'"]),
+    ("cycle.toml", "[[apps]]\nname='a'\ncommand='x'\ndepends_on=['b']\n[[apps]]\nname='b'\ncommand='x'\n"
+                   "depends_on=['a']", ["depends_on: dependency cycle: a -> b -> a"]),
+    ("self.toml", "[[apps]]\nname='a'\ncommand='x'\ndepends_on=['a']", ["depends_on: an app cannot depend on itself"]),
+    ("dup.toml", "[[apps]]\nname='a'\ncommand='x'\n[[apps]]\nname='a'\ncommand='y'", ["name: 'a' is already used"]),
+    ("dupx.toml", "[[apps]]\nname='web'\ncommand='x'\ninstances=2\n[[apps]]\nname='web-1'\ncommand='y'",
+     ["instance name 'web-1' collides with app"]),
+    ("dur.toml", "[[apps]]\nname='a'\ncommand='x'\nrestart_delay_secs='soon'",
+     ["app 'a': restart_delay_secs: expected a duration"]),
+    ("size.json", {"apps": [{"name": "a", "script": "x", "max_memory_restart": "lots"}]},
+     ["apps[0] 'a': max_memory_restart: expected a size like '200M', got 'lots'"]),
+    ("sig.toml", "[[apps]]\nname='a'\ncommand='x'\nstop_signal='SIGFOO'", ["stop_signal: unknown signal 'SIGFOO'"]),
+    ("cron.toml", "[[apps]]\nname='a'\ncommand='x'\ncron_restart='61 * * * *'",
+     ["cron_restart: '61' is outside 0-59 in minute field"]),
+    ("cron6.json", {"apps": [{"name": "a", "script": "x", "cron_restart": "* * *"}]},
+     ["cron_restart: expected 5 fields"]),
+    ("split.toml", "[[apps]]\nname='a'\ncommand=\"node 'x\"", ["app 'a': command: cannot split"]),
+    ("nocmd.toml", "[[apps]]\nname='a'", ["app 'a': command: each app needs a command"]),
+    ("noscript.json", {"apps": [{"name": "a"}]}, ["apps[0] 'a': script: each app needs a script"]),
+    ("policy.toml", "[[apps]]\nname='a'\ncommand='x'\nrestart_policy='sometimes'",
+     ["restart_policy: expected one of always, on-failure, never"]),
+    ("inst.json", {"apps": [{"name": "a", "script": "x", "instances": "lots"}]}, ["instances: expected a whole number"]),
+    ("env.toml", "[[apps]]\nname='a'\ncommand='x'\nenv='A=1'", ["env: expected a table of NAME = value"]),
+    ("version.toml", "version = 2\n[[apps]]\nname='a'\ncommand='x'", ["version: only version = 1 is known"]),
+    ("noapps.toml", "version = 1\n", ["apps: expected at least one [[apps]] table"]),
+    ("mode.json", {"apps": [{"name": "a", "script": "x", "exec_mode": "turbo"}]},
+     ["exec_mode: expected fork or cluster"]),
+    ("url.toml", "[[apps]]\nname='a'\ncommand='x'\nhealth_http='localhost/health'", ["health_http: expected a URL"]),
+    ("ready.toml", "[[apps]]\nname='a'\ncommand='x'\nready_tcp='nowhere'", ["ready_tcp: expected host:port"]),
+    ("max.toml", "[[apps]]\nname='a'\ncommand='x'\nmax_restarts=-1", ["max_restarts: expected a whole number >= 0"]),
+    ("listen.toml", "[[apps]]\nname='a'\ncommand='x'\nlisten=['http://x']", ["listen: expected tcp://host:port"]),
+    ("badname.toml", "[[apps]]\nname='has space'\ncommand='x'", ["name: 'has space' cannot be a name"]),
+    ("kind.yaml", "apps: []", ["kind.yaml: unknown config type '.yaml'"]),
+    ("dynamic.js", "module.exports = { apps: [{ name: 'a', script: require('path').join('x') }] };",
+     ["dynamic.js:1:", "is computed when the file runs", "install node"]),
+    ("bool.toml", "[[apps]]\nname='a'\ncommand='x'\nstart_delay_secs=true",
+     ["start_delay_secs: expected a duration"]),
+    ("defaults.toml", "[defaults]\ncommand='x'\n[[apps]]\nname='a'\ncommand='x'",
+     ["[defaults]: command: belongs to an app"]),
+]
+
+
+@POSIX_ONLY
+class TestValidate(HomeTestCase):
+
+    def test_each_broken_config_gives_one_precise_message(self):
+        """validate names the file, app and key of each problem, exits 1, and never shows a traceback."""
+        self.assertGreaterEqual(len(BROKEN_CONFIGS), 20)
+        for name, content, fragments in BROKEN_CONFIGS:
+            path = os.path.join(self.tmp, name)
+            with open(path, "w") as f:
+                f.write(content if isinstance(content, str) else json.dumps(content))
+            with self.subTest(config=name), mock.patch.dict(os.environ, {"OXMGR_NODE": "/nonexistent/node"}):
+                code, out, err = self.cli("validate", path)
+                self.assertEqual(code, 1, out + err)
+                self.assertNotIn("Traceback", err)
+                errors = [line for line in err.splitlines() if line.startswith("oxmgr: error: ")]
+                self.assertEqual(len(errors), 1, err)
+                for fragment in fragments:
+                    self.assertIn(fragment, errors[0])
+
+    def test_several_problems_are_all_listed(self):
+        path = os.path.join(self.tmp, "many.toml")
+        with open(path, "w") as f:
+            f.write("[[apps]]\nname='a'\ncommand='x'\nstop_signal='NOPE'\nmax_restarts=-2\n"
+                    "[[apps]]\nname='b'\ncommand='y'\ndepends_on=['zz']\n")
+        code, _, err = self.cli("validate", path)
+        self.assertEqual(code, 1)
+        self.assertEqual(len(err.strip().splitlines()), 3, err)
+
+    def test_validate_needs_no_daemon_and_reports_the_order(self):
+        code, out, err = self.cli("validate", os.path.join(EXAMPLES, "oxfile.toml"), "--env", "prod")
+        self.assertEqual(code, 0, err)
+        self.assertIn("ok: 3 apps, 6 processes; start order: db, api-0, api-1, api-2, api-3, worker", out)
+        self.assertFalse(os.path.exists(self.home.sock))
+        code, _, err = self.cli("validate", os.path.join(EXAMPLES, "oxfile.toml"), "--only", "nope")
+        self.assertEqual(code, 1)
+        self.assertIn("--only nope: no such app", err)
+
+    def test_convert_cli_output_validates(self):
+        out_path = os.path.join(self.tmp, "oxfile.toml")
+        code, out, err = self.cli("convert", os.path.join(EXAMPLES, "ecosystem.config.json"), "-o", out_path)
+        self.assertEqual(code, 0, err)
+        self.assertIn("wrote", out)
+        code, out, err = self.cli("validate", out_path)
+        self.assertEqual(code, 0, err)
+        self.assertIn("start order: api-0, api-1, worker", out)
+
+
 # -- 9. logs -------------------------------------------------------------------------------
 
 
@@ -1200,6 +1904,23 @@ class TestSupervisorFake(SupervisorTestCase):
         self.assertEqual(len(self.spawner.children), 2)
         self.assertEqual(proc.rec.restart_count, 1)
 
+    def test_dependency_waves_order_start_and_stop(self):
+        db = self.add(name="db")
+        api = [self.add(name=f"api-{i}", base_name="api", instance=i, instances=2, depends_on=["db"])
+               for i in range(2)]
+        worker = self.add(name="worker", depends_on=["api"], start_order=-5)
+        lone = self.add(name="lone", start_order=3)
+        waves = self.sup.waves([worker, lone, api[1], db, api[0]])
+        self.assertEqual(waves, [[db, lone], api, [worker]])
+        self.run_async(self.sup.start_in_order([worker, api[0], api[1], db]))
+        self.assertEqual([c.env["OXMGR_NAME"] for c in self.spawner.children], ["db", "api-0", "api-1", "worker"])
+        stopped = []
+        self.sup.status_listeners.append(lambda p, old, new, r: stopped.append(p.name) if new == "stopped" else None)
+        self.run_async(self.sup.stop_all([db, api[0], api[1], worker]))
+        self.assertEqual(stopped[0], "worker")
+        self.assertEqual(sorted(stopped[1:3]), ["api-0", "api-1"])
+        self.assertEqual(stopped[3], "db")
+
     def test_resolve_targets(self):
         a = self.add(name="a")
         b = self.add(name="b", namespace="web")
@@ -1425,18 +2146,23 @@ class TestEndToEnd(DaemonTestCase):
         self.assertEqual(json.loads(self.cli_ok("list", "--json")), [])
 
     def test_client_path_stays_light(self):
-        """list and status load no asyncio, subprocess or selectors: start-up time is the product."""
+        """list and status load nothing beyond argparse, json and socket: start-up time is the product."""
         self.start_app("light", READY_THEN_SLEEP)
-        code = ("import sys; sys.path.insert(0, %r); import oxmgr, contextlib, io\n"
-                "with contextlib.redirect_stdout(io.StringIO()):\n"
-                "    assert oxmgr.main(['list']) == 0 and oxmgr.main(['status', 'light']) == 0\n"
-                "print(' '.join(sorted(sys.modules)))" % HERE)
-        result = subprocess.run([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                universal_newlines=True, timeout=LONG_TIMEOUT)
-        self.assertEqual(result.returncode, 0, result.stderr)
-        loaded = set(result.stdout.split())
-        self.assertIn("oxmgr", loaded)
-        for heavy in ("asyncio", "subprocess", "threading", "dataclasses", "hashlib", "shutil", "lzma"):
+
+        def modules(code):
+            result = subprocess.run([sys.executable, "-S", "-c", code + "\nprint(' '.join(sorted(sys.modules)))"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                    timeout=LONG_TIMEOUT)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            return set(result.stdout.split())
+
+        baseline = modules("import sys, argparse, contextlib, io, json, socket, signal, errno, time\n"
+                           "p = argparse.ArgumentParser(); p.add_subparsers().add_parser('x'); p.parse_args(['x'])")
+        loaded = modules("import sys; sys.path.insert(0, %r); import oxmgr, contextlib, io\n"
+                         "with contextlib.redirect_stdout(io.StringIO()):\n"
+                         "    assert oxmgr.main(['list']) == 0 and oxmgr.main(['status', 'light']) == 0" % HERE)
+        self.assertEqual(loaded - baseline, {"oxmgr", "__future__"})
+        for heavy in ("asyncio", "subprocess", "dataclasses", "hashlib"):
             self.assertNotIn(heavy, loaded)
 
     def test_pgid_forgotten_once_the_group_is_gone(self):
