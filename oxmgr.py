@@ -107,7 +107,10 @@ DEFAULT_LOG_MAX_DAYS = 14.0
 DEFAULT_LOG_LINES = 100
 
 TICK_S = 1.0                         # safety-net reconcile tick
-METRICS_INTERVAL_S = 2.0
+METRICS_INTERVAL_S = 2.0             # OXMGR_METRICS_INTERVAL changes it
+CPU_LIMIT_SAMPLES = 3                # max_cpu_percent: samples in a row over the limit before a restart
+ENV_METRICS_INTERVAL = "OXMGR_METRICS_INTERVAL"
+WATCH_IGNORED_NAMES = frozenset({".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", ".tox"})
 READ_CHUNK = 1 << 16
 
 EXIT_OK = 0
@@ -650,6 +653,66 @@ def page_size():
         return os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover
         return 4096
+
+
+# inotify(7): the events that mean "something under a watched path changed".
+IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x002, 0x004, 0x008
+IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x040, 0x080, 0x100, 0x200
+IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED, IN_Q_OVERFLOW, IN_ISDIR = 0x400, 0x800, 0x8000, 0x4000, 0x40000000
+IN_ONLYDIR = 0x01000000
+WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+              | IN_DELETE_SELF | IN_MOVE_SELF)
+_libc = None
+
+
+def _load_libc():
+    global _libc
+    if _libc is None:
+        import ctypes
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.inotify_init1.argtypes = [ctypes.c_int]
+        _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        _libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+    return _libc
+
+
+def inotify_open():
+    """Return a non-blocking inotify fd, or None where there is no inotify."""
+    if not _LINUX:
+        return None  # pragma: no cover
+    try:
+        libc = _load_libc()
+    except (ImportError, OSError, AttributeError):  # pragma: no cover
+        return None
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    return fd if fd >= 0 else None
+
+
+def inotify_add(fd, path, mask=WATCH_MASK | IN_ONLYDIR):
+    """Watch a directory; return the watch descriptor or raise OSError."""
+    import ctypes
+    wd = _load_libc().inotify_add_watch(fd, os.fsencode(path), mask)
+    if wd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return wd
+
+
+def inotify_remove(fd, wd):
+    _load_libc().inotify_rm_watch(fd, wd)
+
+
+def _parse_inotify(data):
+    """Split a read() of an inotify fd into (wd, mask, cookie, name) tuples."""
+    import struct
+    events = []
+    offset = 0
+    while offset + 16 <= len(data):
+        wd, mask, cookie, length = struct.unpack_from("iIII", data, offset)
+        name = data[offset + 16:offset + 16 + length].split(b"\0", 1)[0]
+        events.append((wd, mask, cookie, os.fsdecode(name)))
+        offset += 16 + length
+    return events
 
 
 def boot_time():
@@ -1366,6 +1429,17 @@ def default_app_name(command):
     return clean
 
 
+def health_kind(spec):
+    """Return "cmd", "http", "tcp" or None: which health check the app has."""
+    if spec.health_cmd:
+        return "cmd"
+    if spec.health_http:
+        return "http"
+    if spec.health_tcp:
+        return "tcp"
+    return None
+
+
 def child_environment(spec, base_env, app_id):
     """Return the environment for one spawn of `spec`: base, then app env, then ours."""
     env = dict(base_env)
@@ -1453,7 +1527,7 @@ def toml_loads(text, path, builtin=False):
     """Parse TOML with tomllib (3.11+), else tomli, else the built-in subset reader."""
     if not builtin:
         try:
-            import tomllib as toml
+            import tomllib as toml  # novermin  (3.11+; tomli or the built-in reader otherwise)
         except ImportError:
             try:
                 import tomli as toml
@@ -2762,7 +2836,8 @@ def load_config(paths, profile=None, only=None):
             # an app whose keys already failed is not expanded: one message per problem
             groups.append((where, fields, profiles, path, len(problems.lines) == before))
         if profile and not found_profile and not problems.lines:
-            config.warnings.append(f"{path}: no app has a profile {profile!r} (--env {profile}); using the base settings")
+            config.warnings.append(f"{path}: no app has a profile {profile!r} (--env {profile}); "
+                                   f"using the base settings")
     seen = {}
     for where, fields, _, _, _ in groups:
         name = fields.get("name")
@@ -2896,6 +2971,10 @@ class Home:
         """Return the default log path of an app stream ("out" or "err")."""
         return os.path.join(self.logs, f"{name}.{stream}.log")
 
+    def notify_path(self, app_id):
+        """Return the NOTIFY_SOCKET path of an app (by id: names can be long)."""
+        return os.path.join(self.root, "notify", f"{app_id}.sock")
+
 
 class Status:
     """Process statuses; values are what list, status and --json print."""
@@ -2928,6 +3007,7 @@ _RECORD_FIELDS = (
     ("last_exit_code", None),
     ("last_signal", None),
     ("status_reason", None),        # why the status is what it is (errored, crashed...)
+    ("restart_reason", None),       # why a rule (health, limit, watch, cron) last restarted it
     ("base_env", None),             # environment of the CLI that started the app
 )
 
@@ -3502,6 +3582,7 @@ class EventLoop:
         self._signal_handlers = {}
         self._old_signal_handlers = {}
         self._wakeup = None
+        self._signals_routed = False
         self._old_wakeup_fd = None
         self.time = clock
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -3562,14 +3643,48 @@ class EventLoop:
 
     # -- signals ------------------------------------------------------------
 
-    def add_signal_handler(self, signum, fn):
-        """Run fn(signum) on the loop when the signal arrives (main thread only)."""
+    def _ensure_wakeup(self, for_signals=False):
         if self._wakeup is None:
             r, w = make_pipe()
             os.set_blocking(w, False)
             self._wakeup = (r, w)
-            self._old_wakeup_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
             self.add_reader(r, self._read_signals)
+        if for_signals and not self._signals_routed:
+            self._old_wakeup_fd = signal.set_wakeup_fd(self._wakeup[1], warn_on_full_buffer=False)
+            self._signals_routed = True
+
+    def call_soon_threadsafe(self, fn, *args):
+        """Schedule fn from another thread and wake the loop up."""
+        self._ensure_wakeup()
+        self._ready.append(_Handle(fn, args))
+        try:
+            os.write(self._wakeup[1], b"\0")  # signal 0 does not exist: a plain wake-up
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full, so the loop is awake anyway
+
+    def run_in_thread(self, fn, *args):
+        """Run a blocking fn in a worker thread; return a future of its result.
+
+        Only for rare work that has no non-blocking form (DNS of a host name,
+        TLS for https checks): the daemon itself never blocks.
+        """
+        import threading
+        fut = Future(self)
+
+        def work():
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed over to the awaiting task
+                self.call_soon_threadsafe(fut.set_exception, exc)
+            else:
+                self.call_soon_threadsafe(fut.set_result, result)
+
+        threading.Thread(target=work, name="oxmgr-worker", daemon=True).start()
+        return fut
+
+    def add_signal_handler(self, signum, fn):
+        """Run fn(signum) on the loop when the signal arrives (main thread only)."""
+        self._ensure_wakeup(for_signals=True)
         self._signal_handlers[signum] = fn
         if signum not in self._old_signal_handlers:
             self._old_signal_handlers[signum] = signal.getsignal(signum)
@@ -3587,7 +3702,7 @@ class EventLoop:
         except BlockingIOError:  # pragma: no cover
             return
         for signum in data:
-            fn = self._signal_handlers.get(signum)
+            fn = self._signal_handlers.get(signum) if signum else None
             if fn is not None:
                 self.call_soon(fn, signum)
 
@@ -3654,7 +3769,8 @@ class EventLoop:
         self._old_signal_handlers.clear()
         self._signal_handlers.clear()
         if self._wakeup is not None:
-            signal.set_wakeup_fd(self._old_wakeup_fd if self._old_wakeup_fd is not None else -1)
+            if self._signals_routed:
+                signal.set_wakeup_fd(self._old_wakeup_fd if self._old_wakeup_fd is not None else -1)
             self.remove_reader(self._wakeup[0])
             close_fd(self._wakeup[0])
             close_fd(self._wakeup[1])
@@ -3766,6 +3882,108 @@ class Event:
     def wait(self):
         return self._fut
 
+
+def _is_ip_literal(host):
+    import ipaddress
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def resolve_address(loop, host, port):
+    """Return a socket address for host:port; names other than localhost resolve in a thread."""
+    import socket
+    if host == "localhost":
+        host = "127.0.0.1"
+    if _is_ip_literal(host):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return family, (host, port)
+    infos = await loop.run_in_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
+    family, _, _, _, addr = infos[0]
+    return family, addr
+
+
+async def tcp_connect(loop, host, port, timeout):
+    """Connect without blocking the loop; return the connected socket or raise OSError."""
+    import socket
+    family, addr = await wait_for(loop, loop.create_task(resolve_address(loop, host, port)), timeout)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        err = sock.connect_ex(addr)
+        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
+            raise OSError(err, os.strerror(err))
+        if err != 0:
+            writable = Future(loop)
+            loop.add_writer(sock.fileno(), writable.set_result, True)
+            try:
+                await wait_for(loop, writable, timeout)
+            finally:
+                loop.remove_writer(sock.fileno())
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err))
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def sock_recv(loop, sock, size, timeout):
+    """Receive up to size bytes without blocking the loop ("" at EOF)."""
+    readable = Future(loop)
+    loop.add_reader(sock.fileno(), readable.set_result, True)
+    try:
+        await wait_for(loop, readable, timeout)
+    finally:
+        loop.remove_reader(sock.fileno())
+    return sock.recv(size)
+
+
+def _https_status(url, timeout):
+    """Blocking GET of an https URL (run in a thread); return the status code."""
+    import ssl
+    import urllib.error
+    import urllib.request
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # a health check probes a local service, often self-signed
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def http_status(loop, url, timeout):
+    """GET url; return the HTTP status code. http runs on the loop, https in a thread."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() == "https":
+        return await wait_for(loop, loop.run_in_thread(_https_status, url, timeout), timeout + 1)
+    hostport, slash, path = rest.partition("/")
+    host, _, port = hostport.rpartition(":") if hostport.rsplit(":", 1)[-1].isdigit() else (hostport, "", "80")
+    host = host.strip("[]") or hostport
+    deadline = loop.time() + timeout
+    sock = await tcp_connect(loop, host, int(port), timeout)
+    try:
+        request = (f"GET {slash}{path} HTTP/1.0\r\nHost: {hostport}\r\nUser-Agent: oxmgr-health\r\n"
+                   f"Connection: close\r\n\r\n").encode()
+        sock.sendall(request)  # a small request into a fresh socket's empty buffer does not block
+        head = b""
+        while b"\r\n" not in head and len(head) < 4096:
+            chunk = await sock_recv(loop, sock, 4096, max(0.0, deadline - loop.time()))
+            if not chunk:
+                break
+            head += chunk
+        parts = head.split(b"\r\n", 1)[0].split()
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            raise OSError(f"not an HTTP reply: {head[:40]!r}")
+        return int(parts[1])
+    finally:
+        sock.close()
+
 # =============================================================================
 # 13. Supervisor core (async)
 # =============================================================================
@@ -3830,13 +4048,15 @@ class RestartTracker:
         self.unstable = 0
         self.recent.clear()
 
-    def on_exit(self, spec, exit_code, signum, uptime_s):
+    def on_exit(self, spec, exit_code, signum, uptime_s, what=None):
         """Return (status, delay_s, reason) for an exit nobody asked for.
 
-        status is RESTARTING (with its delay), STOPPED, CRASHED or ERRORED.
+        status is RESTARTING (with its delay), STOPPED, CRASHED or ERRORED;
+        `what` describes a failure that is not a plain exit (a failed start).
         """
-        what = describe_exit(exit_code, signum)
-        if not should_restart(spec.restart_policy, exit_code, signum, spec.stop_exit_codes):
+        what = what or describe_exit(exit_code, signum)
+        failed_start = exit_code is None and signum is None
+        if not failed_start and not should_restart(spec.restart_policy, exit_code, signum, spec.stop_exit_codes):
             clean = exit_code == 0 or (exit_code is not None and exit_code in spec.stop_exit_codes)
             return (Status.STOPPED if clean else Status.CRASHED), 0.0, what
         if uptime_s >= spec.min_uptime_s:
@@ -3988,6 +4208,10 @@ class _Pump:
                 self.proc._pumps.remove(self)
 
 
+class _StartInterrupted(SpawnError):
+    """A stop, restart or delete ended a start that was waiting for readiness."""
+
+
 class ManagedProcess:
     """One app instance: its child, its log pumps and its restart loop."""
 
@@ -4000,6 +4224,7 @@ class ManagedProcess:
         self.logs = {}               # "out"/"err" -> RotatingLog, opened on first output
         self.cpu_percent = None      # of the whole process tree, last sample
         self.memory_bytes = None
+        self.metrics_samples = 0     # samples taken of this app (lets a client wait for the next)
         self.deleted = False
         self._exit_fut = None        # resolves with (code, signum) when the child is reaped
         self._spawned_at = None      # monotonic time of the last spawn
@@ -4008,6 +4233,20 @@ class ManagedProcess:
         self._lock = Lock(self.loop)
         self._pumps = []
         self._err_tail = b""
+        self._ready_fut = None       # resolves when the starting child is ready
+        self._notify = None          # (socket, address) of NOTIFY_SOCKET, once opened
+        self.notify_status = None    # last STATUS= the app sent
+        self.health_status = "none" if not health_kind(record.spec) else "starting"
+        self.health_failures = 0     # failed checks in a row
+        self.health_detail = None
+        self.health_checked_at = None
+        self._health_task = None
+        self._cpu_over = 0           # samples in a row over max_cpu_percent
+        self._limit_pending = False  # a limit restart is under way
+        self._watch_timer = None
+        self._watch_changed = None
+        self._cron_timer = None
+        self._cron_next = None
         # Loading from disk: nothing of ours runs yet, whatever the file says.
         if record.status in ALIVE_STATUSES:
             record.status = Status.STOPPED
@@ -4083,14 +4322,23 @@ class ManagedProcess:
 
     # -- spawning and exits ---------------------------------------------------
 
+    def needs_ready(self):
+        """True when a start waits for readiness (wait_ready or ready_tcp)."""
+        return self.spec.wait_ready or bool(self.spec.ready_tcp)
+
     def _spawn(self):
-        """Start the child now. Raises SpawnError; on success status is RUNNING."""
+        """Start the child now. Raises SpawnError.
+
+        The status becomes RUNNING, or stays STARTING until the app is ready.
+        """
         spec = self.spec
         try:
             argv = resolve_argv(spec)
         except ValueError as exc:
             raise SpawnError(str(exc), EXIT_NOT_FOUND) from None
         env = child_environment(spec, self.rec.base_env, self.rec.id)
+        if spec.wait_ready:
+            env["NOTIFY_SOCKET"] = self._open_notify()
         out_r, out_w = make_pipe()
         err_r, err_w = make_pipe()
         try:
@@ -4111,10 +4359,17 @@ class ManagedProcess:
         stats = read_stats(child.pid) if isinstance(child, _RealChild) else None
         rec.start_ticks = stats.start_ticks if stats else None
         self.cpu_percent = self.memory_bytes = None
+        self._cpu_over = 0
+        self.health_failures = 0
+        self.health_status = "starting" if health_kind(spec) else "none"
         self._pumps.append(_Pump(self, "out", out_r))
         self._pumps.append(_Pump(self, "err", err_r))
         self.sup.watch_child(child, self._child_exited)
-        self._set_status(Status.RUNNING, None)
+        if self.needs_ready():
+            self._ready_fut = Future(self.loop)
+        else:
+            self._set_status(Status.RUNNING, None)
+            self._start_health_loop()
 
     def _child_exited(self, wait_status):
         """Called by the reaper: record the exit, then restart or settle."""
@@ -4132,19 +4387,23 @@ class ManagedProcess:
         rec = self.rec
         rec.pid = None
         rec.last_exit_code, rec.last_signal = code, signum
+        self._stop_health_loop()
         fut, self._exit_fut = self._exit_fut, None
         if fut is not None:
             fut.set_result((code, signum))
+        ready, self._ready_fut = self._ready_fut, None
+        if ready is not None and not ready.done():
+            ready.set_exception(SpawnError(f"{self.name!r} {describe_exit(code, signum)} before it was ready"))
         if self._stopping or self.deleted:
             return  # stop() owns this exit
         self._after_exit(code, signum, uptime, child.pid)
 
-    def _after_exit(self, code, signum, uptime, pgid):
-        status, delay, reason = self.tracker.on_exit(self.spec, code, signum, uptime)
+    def _after_exit(self, code, signum, uptime, pgid, what=None):
+        status, delay, reason = self.tracker.on_exit(self.spec, code, signum, uptime, what)
         if status == Status.RESTARTING:
             self.rec.restart_count += 1
             note = f"{reason}; restarting" + (f" in {format_duration(round(delay, 3))}" if delay else "")
-            # RUNNING -> RESTARTING
+            # RUNNING/STARTING -> RESTARTING
             self._set_status(Status.RESTARTING, note)
             self._pending = self.sup.background(self._restart_later(delay, pgid), self.name)
             return
@@ -4153,7 +4412,7 @@ class ManagedProcess:
             if tail:
                 reason += "; stderr: " + " | ".join(tail)[-300:]
         else:
-            self.rec.desired = "stopped"  # it finished: a daemon restart will not rerun it
+            self.rec.desired = "exited"  # it finished: a daemon restart will not rerun it; cron may
         # RUNNING -> STOPPED / CRASHED / ERRORED
         self._set_status(status, reason)
         if pgid and group_alive(pgid):
@@ -4174,9 +4433,16 @@ class ManagedProcess:
         except SpawnError as exc:
             self.rec.last_exit_code, self.rec.last_signal = exc.code, None
             # A spawn failure counts as an unstable exit: STARTING -> RESTARTING/ERRORED
-            self._after_exit(exc.code, None, 0.0, None)
-            if self.rec.status == Status.ERRORED:
-                self.rec.status_reason = f"{exc}; {self.rec.status_reason}"
+            self._after_exit(exc.code, None, 0.0, None, what=str(exc))
+            return
+        if self.needs_ready():
+            try:
+                await self._become_ready()
+            except SpawnError as exc:
+                if self.child is not None:  # not ready in time: a failed start, as a crash would be
+                    pgid = self.child.pid
+                    await self._kill_child()
+                    self._after_exit(None, None, 0.0, pgid, what=str(exc))
 
     async def _reap_group(self, pgid, signal_stop=False, deadline=None):
         """Wait until the process group is empty; SIGKILL it at the deadline.
@@ -4206,10 +4472,291 @@ class ManagedProcess:
             self.rec.pgid = None
             self.sup.save_soon()
 
+    async def _kill_child(self):
+        """Stop the current child and its group (stop signal, SIGKILL after stop_timeout).
+
+        The exit belongs to the caller: no restart follows. Returns True when
+        SIGKILL was needed.
+        """
+        child = self.child
+        if child is None:
+            return False
+        spec = self.spec
+        self._stopping = True
+        try:
+            deadline = self.loop.time() + spec.stop_timeout_s
+            exit_fut = self._exit_fut
+            child.signal_group(parse_signal(spec.stop_signal))
+            try:
+                await wait_for(self.loop, exit_fut, spec.stop_timeout_s)
+            except LoopTimeout:
+                child.signal_group(signal.SIGKILL)
+                try:
+                    await wait_for(self.loop, exit_fut, 10.0)
+                except LoopTimeout:
+                    self.sup.log(f"{self.name}: pid {child.pid} survives SIGKILL")
+            await self._reap_group(child.pid, deadline=deadline)
+            return self.rec.last_signal == signal.SIGKILL
+        finally:
+            self._stopping = False
+
     def _cancel_pending(self):
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
+
+    def _interrupt_start(self, reason):
+        """A stop/restart/delete is coming: end a start that waits for readiness."""
+        if self._ready_fut is not None and not self._ready_fut.done():
+            self._ready_fut.set_exception(_StartInterrupted(reason))
+
+    # -- readiness -------------------------------------------------------------
+
+    def _open_notify(self):
+        """Open this app's NOTIFY_SOCKET (systemd's sd_notify protocol); return its address."""
+        if self._notify is not None:
+            return self._notify[1]
+        import socket
+        path = self.sup.home.notify_path(self.rec.id)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _unlink_quiet(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if len(os.fsencode(path)) >= 100 and _LINUX:
+            # too long for sun_path: an abstract name, which sd_notify spells with a leading @
+            address = f"@oxmgr-{os.getuid()}-{abs(_stable_number(path))}"
+            sock.bind("\0" + address[1:])
+        else:
+            address = path
+            old_umask = os.umask(0o177)
+            try:
+                sock.bind(path)
+            finally:
+                os.umask(old_umask)
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._on_notify)
+        self._notify = (sock, address)
+        return address
+
+    def _close_notify(self):
+        if self._notify is not None:
+            sock, address = self._notify
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+            if not address.startswith("@"):
+                _unlink_quiet(address)
+            self._notify = None
+
+    def _on_notify(self):
+        sock = self._notify[0]
+        while True:
+            try:
+                data = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            for line in data.decode("utf-8", "replace").splitlines():
+                key, _, value = line.partition("=")
+                if key == "READY" and value == "1":
+                    if self._ready_fut is not None and not self._ready_fut.done():
+                        self._ready_fut.set_result("READY=1")
+                elif key == "STATUS":
+                    self.notify_status = value[:200]
+
+    async def _poll_ready_tcp(self, fut):
+        host, _, port = self.spec.ready_tcp.rpartition(":")
+        while not fut.done():
+            try:
+                sock = await tcp_connect(self.loop, host.strip("[]"), int(port), 1.0)
+            except (OSError, LoopTimeout):
+                await self.loop.sleep(0.05)
+                continue
+            sock.close()
+            fut.set_result(f"{self.spec.ready_tcp} accepts")
+
+    async def _poll_ready_health(self, fut):
+        while not fut.done():
+            ok, detail = await self.check_health()
+            if ok:
+                self._record_health(True, detail)
+                fut.set_result(f"health check passed ({detail})")
+            else:
+                await self.loop.sleep(0.2)
+
+    async def _become_ready(self):
+        """Wait until the app is ready, then mark it RUNNING; raise SpawnError if it is not."""
+        spec = self.spec
+        fut = self._ready_fut
+        waits = []
+        pollers = []
+        if spec.wait_ready:
+            waits.append("READY=1 on NOTIFY_SOCKET")
+            if health_kind(spec):
+                waits.append("a passing health check")
+                pollers.append(self.sup.background(self._poll_ready_health(fut), self.name))
+        if spec.ready_tcp:
+            waits.append(f"{spec.ready_tcp} to accept")
+            pollers.append(self.sup.background(self._poll_ready_tcp(fut), self.name))
+        try:
+            how = await wait_for(self.loop, fut, spec.ready_timeout_s)
+        except LoopTimeout:
+            raise SpawnError(f"{self.name!r} was not ready within {format_duration(spec.ready_timeout_s)} "
+                             f"(waited for {' or '.join(waits)}); it was stopped") from None
+        finally:
+            for task in pollers:
+                task.cancel()
+            if self._ready_fut is fut:
+                self._ready_fut = None
+        # STARTING -> RUNNING
+        self._set_status(Status.RUNNING, f"ready: {how}")
+        self._start_health_loop()
+
+    # -- health checks -------------------------------------------------------------
+
+    async def check_health(self):
+        """Run the app's health check once; return (healthy, detail)."""
+        spec = self.spec
+        timeout = spec.health_timeout_s
+        try:
+            if spec.health_cmd:
+                env = child_environment(spec, self.rec.base_env, self.rec.id)
+                code, output = await self.sup.run_command(spec.health_cmd, env, spec.cwd, timeout)
+                if code is None:
+                    return False, f"health_cmd timed out after {format_duration(timeout)}"
+                last = output.strip().splitlines()[-1][:120] if output.strip() else ""
+                return code == 0, f"health_cmd exit {code}" + (f": {last}" if last else "")
+            if spec.health_http:
+                status = await http_status(self.loop, spec.health_http, timeout)
+                return 200 <= status < 300, f"HTTP {status}"
+            if spec.health_tcp:
+                host, _, port = spec.health_tcp.rpartition(":")
+                sock = await tcp_connect(self.loop, host.strip("[]"), int(port), timeout)
+                sock.close()
+                return True, f"{spec.health_tcp} accepts"
+        except LoopTimeout:
+            return False, f"no answer within {format_duration(timeout)}"
+        except OSError as exc:
+            return False, exc.strerror or str(exc)
+        return True, "no check"
+
+    def _record_health(self, ok, detail):
+        self.health_checked_at = time.time()
+        self.health_detail = detail
+        self.health_failures = 0 if ok else self.health_failures + 1
+        status = "healthy" if ok else "unhealthy"
+        if status != self.health_status:
+            self.health_status = status
+            self.sup.log(f"{self.name}: {status} ({detail})")
+            for fn in list(self.sup.health_listeners):
+                fn(self, status, detail)
+
+    def _start_health_loop(self):
+        self._stop_health_loop()
+        if health_kind(self.spec):
+            self._health_task = self.sup.background(self._health_loop(), self.name)
+
+    def _stop_health_loop(self):
+        if self._health_task is not None:
+            self._health_task.cancel()
+            self._health_task = None
+
+    async def _health_loop(self):
+        spec = self.spec
+        while self.child is not None:
+            await self.loop.sleep(spec.health_interval_s)
+            if self.child is None or self.rec.status != Status.RUNNING:
+                continue
+            ok, detail = await self.check_health()
+            if self.child is None:
+                return
+            self._record_health(ok, detail)
+            if not ok and self.health_failures >= spec.health_max_failures:
+                self._health_task = None
+                self.sup.background(self.restart_for(
+                    f"health check failed {self.health_failures} times in a row ({detail})"), self.name)
+                return
+
+    # -- rules that restart: limits, watch, cron -------------------------------------------
+
+    async def restart_for(self, reason):
+        """Restart because a rule asked (health, limit, watch, cron); the reason is kept."""
+        self.rec.restart_reason = f"{reason} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        self.sup.log(f"{self.name}: restarting: {reason}")
+        try:
+            await self.restart()
+        except SpawnError as exc:
+            self.sup.log(str(exc))
+        finally:
+            self._limit_pending = False
+
+    def check_limits(self):
+        """After a metrics sample: restart on memory at once, on CPU once it is sustained."""
+        spec = self.spec
+        if self.rec.status != Status.RUNNING or self._limit_pending:
+            return
+        reason = None
+        if spec.max_memory_bytes and self.memory_bytes and self.memory_bytes > spec.max_memory_bytes:
+            reason = (f"memory {format_bytes(self.memory_bytes)} over the "
+                      f"{format_bytes(spec.max_memory_bytes)} limit")
+        elif spec.max_cpu_percent and self.cpu_percent is not None:
+            over = self.cpu_percent > spec.max_cpu_percent
+            self._cpu_over = self._cpu_over + 1 if over else 0
+            if self._cpu_over >= CPU_LIMIT_SAMPLES:
+                reason = (f"CPU over {spec.max_cpu_percent:g}% for {self._cpu_over} samples in a row "
+                          f"(last {self.cpu_percent:g}%)")
+        if reason:
+            self._limit_pending = True
+            self.sup.background(self.restart_for(reason), self.name)
+
+    def watch_event(self, path):
+        """A watched file changed: restart once the changes have settled (watch_delay)."""
+        if self.rec.desired != "running" or self.deleted:
+            return
+        self._watch_changed = path
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+        self._watch_timer = self.loop.call_later(self.spec.watch_delay_s, self._watch_fire)
+
+    def _watch_fire(self):
+        self._watch_timer = None
+        if self.rec.desired == "running" and not self.deleted:
+            rel = os.path.relpath(self._watch_changed, self.spec.cwd or "/")
+            self.sup.background(self.restart_for(f"watch: {rel} changed"), self.name)
+
+    def _schedule_cron(self):
+        if self._cron_timer is not None:
+            self._cron_timer.cancel()
+            self._cron_timer = None
+        if not self.spec.cron_restart or self.deleted:
+            return
+        when = parse_cron(self.spec.cron_restart).next_after(time.time())
+        self._cron_next = when
+        # Re-check at least hourly: the wall clock can jump (NTP, DST) under a long timer.
+        self._cron_timer = self.loop.call_later(min(when - time.time(), 3600.0), self._cron_tick, when)
+
+    def _cron_tick(self, when):
+        self._cron_timer = None
+        if time.time() < when - 0.01:
+            self._cron_timer = self.loop.call_later(min(when - time.time(), 3600.0), self._cron_tick, when)
+            return
+        self._schedule_cron()
+        # An app that exited on its own restarts too; one a user stopped does not.
+        if self.rec.desired in ("running", "exited") and not self.deleted:
+            self.sup.background(self.restart_for(f"cron_restart {self.spec.cron_restart!r}"), self.name)
+
+    def attach(self):
+        """Start watching files and the cron clock for this app."""
+        if self.spec.watch:
+            self.sup.watcher.add(self)
+        self._schedule_cron()
+
+    def detach(self):
+        if self.spec.watch:
+            self.sup.watcher.remove(self)
+        for timer in (self._watch_timer, self._cron_timer):
+            if timer is not None:
+                timer.cancel()
+        self._watch_timer = self._cron_timer = None
 
     # -- operations (serialised per process) ------------------------------------
 
@@ -4237,10 +4784,20 @@ class ManagedProcess:
             self._spawn()
         except SpawnError as exc:
             self.rec.last_exit_code, self.rec.last_signal = exc.code, None
-            self.rec.desired = "stopped"
             # STARTING -> ERRORED
             self._set_status(Status.ERRORED, str(exc))
             raise SpawnError(f"cannot start {self.name!r}: {exc}", exc.code) from None
+        if self.needs_ready():
+            try:
+                await self._become_ready()
+            except _StartInterrupted:
+                raise
+            except SpawnError as exc:
+                if self.child is not None:  # still alive but not ready: stop it (systemd's rule)
+                    await self._kill_child()
+                    # STARTING -> ERRORED
+                    self._set_status(Status.ERRORED, str(exc))
+                raise
 
     async def stop(self, desired="stopped"):
         """Stop the app and its whole process group; returns once they are gone.
@@ -4248,6 +4805,7 @@ class ManagedProcess:
         `desired` is what a later daemon start should do: "stopped" for a
         user's stop, None to keep the user's wish (daemon shutdown).
         """
+        self._interrupt_start("stopped before it was ready")
         await self._lock.acquire()
         try:
             await self._stop_locked()
@@ -4258,39 +4816,26 @@ class ManagedProcess:
 
     async def _stop_locked(self):
         self._cancel_pending()
-        child = self.child
+        self._stop_health_loop()
+        if self._watch_timer is not None:
+            self._watch_timer.cancel()
+            self._watch_timer = None
         pgid = self.rec.pgid
-        if child is None:
+        if self.child is None:
             if pgid and group_alive(pgid):
                 await self._reap_group(pgid, signal_stop=True)
             if self.rec.status in (Status.STARTING, Status.RESTARTING, Status.RUNNING):
                 self._set_status(Status.STOPPED, "stopped")
             return
-        spec = self.spec
-        self._stopping = True
-        try:
-            # RUNNING/STARTING -> STOPPING
-            self._set_status(Status.STOPPING, "stop requested")
-            deadline = self.loop.time() + spec.stop_timeout_s
-            exit_fut = self._exit_fut
-            child.signal_group(parse_signal(spec.stop_signal))
-            try:
-                await wait_for(self.loop, exit_fut, spec.stop_timeout_s)
-            except LoopTimeout:
-                child.signal_group(signal.SIGKILL)
-                try:
-                    await wait_for(self.loop, exit_fut, 10.0)
-                except LoopTimeout:
-                    self.sup.log(f"{self.name}: pid {child.pid} survives SIGKILL")
-            await self._reap_group(child.pid, deadline=deadline)
-            killed = self.rec.last_signal == signal.SIGKILL
-            # STOPPING -> STOPPED
-            self._set_status(Status.STOPPED, "killed after stop_timeout" if killed else "stopped")
-        finally:
-            self._stopping = False
+        # RUNNING/STARTING -> STOPPING
+        self._set_status(Status.STOPPING, "stop requested")
+        killed = await self._kill_child()
+        # STOPPING -> STOPPED
+        self._set_status(Status.STOPPED, "killed after stop_timeout" if killed else "stopped")
 
     async def restart(self, base_env=None):
         """Stop the old process (so its port is free), then start a new one."""
+        self._interrupt_start("restarted before it was ready")
         await self._lock.acquire()
         try:
             was_alive = self.rec.status in ALIVE_STATUSES
@@ -4305,24 +4850,30 @@ class ManagedProcess:
 
     async def replace(self, spec, base_env):
         """Stop the app, take a new definition, start it (apply's changed app)."""
+        self._interrupt_start("replaced before it was ready")
         await self._lock.acquire()
         try:
             await self._stop_locked()
             for pump in list(self._pumps):
                 pump.drain()
             self.close_logs()  # the log paths may have changed
+            self.detach()
             self.rec.spec = spec
             self.rec.base_env = dict(base_env)
+            self.attach()
             await self._start_locked(start_delay=True)
         finally:
             self._lock.release()
 
     async def delete(self):
         """Stop the app and forget it; its log files stay on disk."""
+        self._interrupt_start("deleted before it was ready")
         await self._lock.acquire()
         try:
             await self._stop_locked()
             self.deleted = True
+            self.detach()
+            self._close_notify()
             self.close_logs()
         finally:
             self._lock.release()
@@ -4357,12 +4908,27 @@ class ManagedProcess:
             "status_reason": rec.status_reason,
             "pid": rec.pid if alive else None,
             "restart_count": rec.restart_count,
+            "restart_reason": rec.restart_reason,
             "uptime_ms": uptime_ms,
             "started_at": rec.started_at if alive else None,
             "created_at": rec.created_at,
             "cpu_percent": self.cpu_percent if alive else None,
             "memory_bytes": self.memory_bytes if alive else None,
-            "health_status": "none",
+            "metrics_samples": self.metrics_samples,
+            "health_status": self.health_status,
+            "health_failures": self.health_failures,
+            "health_detail": self.health_detail,
+            "health_checked_at": self.health_checked_at,
+            "health_check": health_kind(spec) and (spec.health_cmd or spec.health_http or spec.health_tcp),
+            "notify_status": self.notify_status,
+            "wait_ready": spec.wait_ready,
+            "ready_tcp": spec.ready_tcp,
+            "ready_timeout_ms": int(spec.ready_timeout_s * 1000),
+            "max_memory_bytes": spec.max_memory_bytes,
+            "max_cpu_percent": spec.max_cpu_percent,
+            "watch": list(spec.watch),
+            "cron_restart": spec.cron_restart,
+            "cron_next": self._cron_next if self._cron_timer is not None else None,
             "restart_policy": spec.restart_policy,
             "max_restarts": spec.max_restarts,
             "crash_restart_limit": spec.crash_restart_limit,
@@ -4383,6 +4949,194 @@ class ManagedProcess:
             "log_date_format": spec.log_date_format,
             "env_keys": sorted(spec.env),
         }
+
+
+def _metrics_interval():
+    raw = os.environ.get(ENV_METRICS_INTERVAL, "").strip()
+    try:
+        value = float(raw) if raw else METRICS_INTERVAL_S
+    except ValueError:
+        value = -1
+    if not 0.05 <= value <= 3600:
+        raise ConfigError(f"{ENV_METRICS_INTERVAL}={raw!r}: expected seconds between 0.05 and 3600; "
+                          f"unset it for {METRICS_INTERVAL_S:g}")
+    return value
+
+
+def _watch_ignored(path, root, patterns, extra):
+    """True when a changed path must not restart the app.
+
+    Ignored: the usual suspects (.git, node_modules, __pycache__...), the
+    paths in `extra` (oxmgr's own logs), and `patterns`: a glob (with * or ?)
+    matches the path under the root or any part of it; anything else is a
+    regular expression searched in that path (Oxmgr's meaning).
+    """
+    import fnmatch
+    import re
+    rel = os.path.relpath(path, root)
+    parts = rel.split(os.sep)
+    if any(part in WATCH_IGNORED_NAMES for part in parts):
+        return True
+    if any(path == p or path.startswith(p.rstrip(os.sep) + os.sep) for p in extra):
+        return True
+    for pattern in patterns:
+        if "*" in pattern or "?" in pattern:
+            if fnmatch.fnmatch(rel, pattern) or any(fnmatch.fnmatch(part, pattern) for part in parts):
+                return True
+            continue
+        try:
+            if re.search(pattern, rel):
+                return True
+        except re.error:
+            if pattern in rel:
+                return True
+    return False
+
+
+class Watcher:
+    """Restart apps when files under their `watch` paths change.
+
+    inotify on Linux: event-driven, so an idle tree of any size costs no
+    CPU. Elsewhere a periodic scan of modification times stands in.
+    """
+
+    def __init__(self, sup):
+        self.sup = sup
+        self.loop = sup.loop
+        self.fd = None
+        self.dirs = {}        # watched directory -> [wd, {proc: root}]
+        self.wds = {}         # wd -> directory
+        self.roots = {}       # proc -> [(root, is_dir)]
+        self._scan = {}       # proc -> {path: (mtime, size)} without inotify
+        self._scan_timer = None
+
+    def _extra_ignores(self, proc):
+        paths = [self.sup.home.root]
+        paths += [proc.log_path(s) for s in ("out", "err", "combined") if proc.log_path(s)]
+        return paths
+
+    def _ignored(self, proc, path, root):
+        return _watch_ignored(path, root, proc.spec.ignore_watch, self._extra_ignores(proc))
+
+    def add(self, proc):
+        base = proc.spec.cwd or "/"
+        roots = []
+        for entry in proc.spec.watch:
+            root = os.path.normpath(os.path.join(base, os.path.expanduser(entry)))
+            roots.append((root, os.path.isdir(root)))
+        self.roots[proc] = roots
+        if self.fd is None:
+            self.fd = inotify_open()
+            if self.fd is not None:
+                self.loop.add_reader(self.fd, self._read)
+        if self.fd is None:
+            self._scan[proc] = self._snapshot(proc)
+            if self._scan_timer is None:
+                self._scan_timer = self.loop.call_later(2.0, self._poll)
+            return
+        for root, is_dir in roots:
+            if is_dir:
+                self._watch_tree(proc, root, root)
+            elif os.path.isdir(os.path.dirname(root)):
+                self._watch_dir(proc, os.path.dirname(root), root)
+            else:
+                self.sup.log_once(f"{proc.name}: watch path {root!r} does not exist")
+
+    def _watch_dir(self, proc, directory, root):
+        entry = self.dirs.get(directory)
+        if entry is None:
+            try:
+                wd = inotify_add(self.fd, directory)
+            except OSError as exc:
+                self.sup.log_once(f"cannot watch {directory!r}: {exc.strerror or exc}"
+                                  + ("; raise fs.inotify.max_user_watches" if exc.errno == errno.ENOSPC else ""))
+                return
+            entry = self.dirs[directory] = [wd, {}]
+            self.wds[wd] = directory
+        entry[1][proc] = root
+
+    def _watch_tree(self, proc, top, root):
+        for directory, subdirs, _files in os.walk(top):
+            subdirs[:] = [d for d in subdirs if not self._ignored(proc, os.path.join(directory, d), root)]
+            self._watch_dir(proc, directory, root)
+
+    def remove(self, proc):
+        self.roots.pop(proc, None)
+        self._scan.pop(proc, None)
+        for directory in list(self.dirs):
+            wd, procs = self.dirs[directory]
+            procs.pop(proc, None)
+            if not procs:
+                del self.dirs[directory]
+                self.wds.pop(wd, None)
+                try:
+                    inotify_remove(self.fd, wd)
+                except OSError:
+                    pass
+
+    def _read(self):
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        for wd, mask, _cookie, name in _parse_inotify(data):
+            if mask & IN_Q_OVERFLOW:
+                for proc, roots in list(self.roots.items()):  # events were lost: assume a change
+                    proc.watch_event(roots[0][0] if roots else proc.spec.cwd)
+                continue
+            directory = self.wds.get(wd)
+            if directory is None:
+                continue
+            if mask & IN_IGNORED:
+                self.wds.pop(wd, None)
+                self.dirs.pop(directory, None)
+                continue
+            path = os.path.join(directory, name) if name else directory
+            for proc, root in list(self.dirs.get(directory, [None, {}])[1].items()):
+                if root != directory and not os.path.isdir(root) and path != root:
+                    continue  # a single watched file: other files of its directory do not count
+                if self._ignored(proc, path, root):
+                    continue
+                if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+                    self._watch_tree(proc, path, root)
+                proc.watch_event(path)
+
+    def _snapshot(self, proc):
+        state = {}
+        for root, is_dir in self.roots.get(proc, ()):
+            for directory, subdirs, files in (os.walk(root) if is_dir else [(os.path.dirname(root), [],
+                                                                                [os.path.basename(root)])]):
+                subdirs[:] = [d for d in subdirs if not self._ignored(proc, os.path.join(directory, d), root)]
+                for f in files:
+                    path = os.path.join(directory, f)
+                    if self._ignored(proc, path, root):
+                        continue
+                    try:
+                        st = os.stat(path)
+                    except OSError:
+                        continue
+                    state[path] = (st.st_mtime, st.st_size)
+        return state
+
+    def _poll(self):  # pragma: no cover  (only where there is no inotify)
+        self._scan_timer = None
+        for proc in list(self._scan):
+            now = self._snapshot(proc)
+            before = self._scan[proc]
+            self._scan[proc] = now
+            changed = [p for p in set(now) | set(before) if now.get(p) != before.get(p)]
+            if changed:
+                proc.watch_event(changed[0])
+        if self._scan:
+            self._scan_timer = self.loop.call_later(2.0, self._poll)
+
+    def close(self):
+        if self.fd is not None:
+            self.loop.remove_reader(self.fd)
+            close_fd(self.fd)
+            self.fd = None
+        if self._scan_timer is not None:
+            self._scan_timer.cancel()
 
 
 class Supervisor:
@@ -4406,10 +5160,13 @@ class Supervisor:
         self.next_id = 0
         self.output_listeners = []   # fn(proc, stream, data)
         self.status_listeners = []   # fn(proc, old, new, reason)
+        self.health_listeners = []   # fn(proc, status, detail)
+        self.watcher = Watcher(self)
+        self.metrics_interval_s = _metrics_interval()
+        self._metrics_timer = None
         self._save_handle = None
         self._logged_once = set()
         self._sampler = TreeSampler(clock=time.monotonic)
-        self._last_metrics = None
         self._background = set()
         self._logs = {}              # path -> [RotatingLog, users]: instances may share a file
 
@@ -4446,7 +5203,8 @@ class Supervisor:
     def load(self, next_id, records):
         self.next_id = next_id
         for rec in sorted(records, key=lambda r: r.id):
-            self.procs[rec.id] = ManagedProcess(self, rec)
+            proc = self.procs[rec.id] = ManagedProcess(self, rec)
+            proc.attach()
 
     def by_name(self, name):
         for proc in self.procs.values():
@@ -4472,6 +5230,7 @@ class Supervisor:
         self.next_id += 1
         proc = ManagedProcess(self, rec)
         self.procs[rec.id] = proc
+        proc.attach()
         self.save_soon()
         return proc
 
@@ -4555,13 +5314,73 @@ class Supervisor:
 
     # -- periodic work -------------------------------------------------------
 
+    def start_metrics(self):
+        """Sample CPU and memory every metrics_interval_s (OXMGR_METRICS_INTERVAL)."""
+        def sample():
+            try:
+                self.sample_metrics()
+            finally:
+                self._metrics_timer = self.loop.call_later(self.metrics_interval_s, sample)
+        self._metrics_timer = self.loop.call_later(self.metrics_interval_s, sample)
+
+    def close(self):
+        """Release timers, watches and sockets (the daemon is exiting)."""
+        if self._metrics_timer is not None:
+            self._metrics_timer.cancel()
+        for proc in self.procs.values():
+            proc.detach()
+            proc._close_notify()
+            proc.close_logs()
+        self.watcher.close()
+
+    async def run_command(self, command, env, cwd, timeout):
+        """Run a shell command (a health check); return (exit code or None on timeout, output)."""
+        out_r, out_w = make_pipe()
+        try:
+            popen = spawn_process(["/bin/sh", "-c", command], cwd, env, out_w, out_w)
+        except SpawnError as exc:
+            close_fd(out_r)
+            return EXIT_NOT_FOUND, str(exc)
+        finally:
+            close_fd(out_w)
+        done = Future(self.loop)
+        self.reaper.watch(popen.pid, done.set_result)
+        chunks = []
+
+        def read():
+            try:
+                data = os.read(out_r, READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                chunks.append(data)
+                del chunks[:-4]  # the tail is what explains a failure
+            else:
+                self.loop.remove_reader(out_r)
+
+        self.loop.add_reader(out_r, read)
+        try:
+            status = await wait_for(self.loop, done, timeout)
+            code, signum = decode_wait_status(status) if status is not None else (None, None)
+            code = exit_code_number(code, signum)
+        except LoopTimeout:
+            signal_group(popen.pid, signal.SIGKILL)
+            code = None
+        finally:
+            self.loop.remove_reader(out_r)
+            if code is not None:
+                read()
+            close_fd(out_r)
+        if code is None:
+            status = await wait_for(self.loop, done, 5.0)
+        popen.returncode = 0 if code is None else code
+        return code, b"".join(chunks)[-4096:].decode("utf-8", "replace")
+
     def tick(self):
-        """Safety net and housekeeping: reap, sample metrics, age-rotate logs."""
+        """Safety net and housekeeping: reap, age-rotate logs."""
         self.reaper.reap()
-        now = self.loop.time()
-        if self._last_metrics is None or now - self._last_metrics >= METRICS_INTERVAL_S - 0.05:
-            self._last_metrics = now
-            self.sample_metrics()
         for proc in self.procs.values():
             for log in proc.logs.values():
                 if log.should_rotate_by_age():
@@ -4583,6 +5402,8 @@ class Supervisor:
         for p in live:
             cpu, rss = sample.get(p.child.pid, (None, None))
             p.cpu_percent, p.memory_bytes = cpu, rss
+            p.metrics_samples += 1
+            p.check_limits()
 
     def waves(self, procs):
         """Group apps by dependency depth: each wave needs only earlier waves.
@@ -4929,6 +5750,7 @@ class Daemon:
             self.log(f"daemon {__version__} started (pid {os.getpid()}, {len(records)} apps, home {home.root})")
             self._recovery = sup.background(self._recover(), "recovery")
             self._tick_handle = loop.call_later(TICK_S, self._tick)
+            sup.start_metrics()
             loop.run_forever()
         finally:
             self._cleanup()
@@ -5066,8 +5888,7 @@ class Daemon:
             except OSError:
                 pass
         if self.sup is not None:
-            for p in self.sup.procs.values():
-                p.close_logs()
+            self.sup.close()
         if self.loop is not None:
             self.loop.close()
 
@@ -5625,6 +6446,18 @@ def _signal_arg(text):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _typed(check):
+    """An argparse type from a config validator, so both reject the same values."""
+    def convert(text):
+        import argparse
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    convert.__name__ = check.__name__.lstrip("_")
+    return convert
+
+
 def _env_pairs(pairs):
     env = {}
     for pair in pairs or ():
@@ -5668,6 +6501,36 @@ _START_FLAGS = (
     (("--interpreter-args",), "interpreter_args", {"metavar": "ARGS", "help": "arguments for the interpreter"}),
     (("-o", "--output"), "out_file", {"metavar": "PATH", "help": "stdout log file"}),
     (("-e", "--error"), "err_file", {"metavar": "PATH", "help": "stderr log file"}),
+    (("--health-cmd",), "health_cmd", {"metavar": "CMD", "help": "healthy when this shell command exits 0"}),
+    (("--health-http",), "health_http", {"type": _typed(_v_url), "metavar": "URL", "help": "healthy on a 2xx reply"}),
+    (("--health-tcp",), "health_tcp", {"type": _typed(_v_host_port), "metavar": "HOST:PORT",
+                                       "help": "healthy when it accepts a connection"}),
+    (("--health-interval",), "health_interval_s", {"type": _duration_arg, "metavar": "DUR",
+                                                   "help": "time between checks (30s)"}),
+    (("--health-timeout",), "health_timeout_s", {"type": _duration_arg, "metavar": "DUR",
+                                                 "help": "a check slower than this fails (5s)"}),
+    (("--health-max-failures",), "health_max_failures", {"type": _typed(_v_positive_count), "metavar": "N",
+                                                         "help": "restart after N failures in a row (3)"}),
+    (("--wait-ready",), "wait_ready", {"action": "store_true", "default": None,
+                                       "help": "start returns when the app is ready: READY=1 on $NOTIFY_SOCKET "
+                                               "or a passing health check"}),
+    (("--ready-tcp",), "ready_tcp", {"type": _typed(_v_host_port), "metavar": "HOST:PORT",
+                                     "help": "ready when this port accepts"}),
+    (("--ready-timeout", "--listen-timeout"), "ready_timeout_s", {"type": _duration_arg, "metavar": "DUR",
+                                                                  "help": "not ready by then: stopped (30s)"}),
+    (("--max-memory-mb", "--max-memory-restart"), "max_memory_bytes", {
+        "type": _typed(lambda v: _mebibytes(v)), "metavar": "MB",
+        "help": "restart when the process tree uses more (MiB, or a size like 150M)"}),
+    (("--max-cpu-percent",), "max_cpu_percent", {"type": _typed(_v_percent), "metavar": "PCT",
+                                                 "help": f"restart after {CPU_LIMIT_SAMPLES} samples in a row above"}),
+    (("--watch",), "watch", {"action": "append", "nargs": "?", "const": ".", "metavar": "PATH",
+                             "help": "restart when files change under PATH (the cwd without one); repeatable"}),
+    (("--ignore-watch",), "ignore_watch", {"action": "append", "metavar": "PATTERN",
+                                           "help": "do not restart for these (glob or regex); repeatable"}),
+    (("--watch-delay",), "watch_delay_s", {"type": _duration_arg, "metavar": "DUR",
+                                           "help": "restart once changes have settled this long (1s)"}),
+    (("--cron-restart", "--cron"), "cron_restart", {"type": _typed(_v_cron), "metavar": "EXPR",
+                                                   "help": "restart on a schedule: 5 cron fields, or 6 with seconds"}),
 )
 
 
@@ -6010,6 +6873,19 @@ def cmd_list(args):
     return EXIT_OK
 
 
+def _health_line(p):
+    if not p.get("health_check"):
+        return "none"
+    parts = [p["health_status"]]
+    if p.get("health_detail"):
+        parts.append(p["health_detail"])
+    if p.get("health_failures"):
+        parts.append(f"{p['health_failures']} failures in a row")
+    if p.get("health_checked_at"):
+        parts.append(f"checked {format_uptime(time.time() - p['health_checked_at'])} ago")
+    return f"{parts[0]} ({', '.join(parts[1:])})" if len(parts) > 1 else parts[0] + f" ({p['health_check']})"
+
+
 def _status_lines(p):
     uptime = format_uptime(p["uptime_ms"] / 1000.0) if p["pid"] else "-"
     last_exit = describe_exit(p["last_exit_code"], parse_signal(p["last_signal"]) if p["last_signal"] else None)
@@ -6027,11 +6903,31 @@ def _status_lines(p):
         ("Restart", restart),
         ("Stop", f"{p['stop_signal']}, then SIGKILL after {format_duration(p['stop_timeout_ms'] / 1000.0)}"),
         ("CPU", f"{_fmt_cpu(p['cpu_percent'])}%" if p["cpu_percent"] is not None else "-"),
-        ("Memory", format_bytes(p["memory_bytes"])), ("Health", p["health_status"]),
+        ("Memory", format_bytes(p["memory_bytes"])), ("Health", _health_line(p)),
         ("Out log", p["out_log"]), ("Err log", p["err_log"]),
         ("Env", ", ".join(p["env_keys"]) or "-"),
         ("Created", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["created_at"])) if p["created_at"] else "-"),
     ]
+    if p.get("wait_ready") or p.get("ready_tcp"):
+        what = " or ".join(filter(None, ["READY=1 on NOTIFY_SOCKET" if p["wait_ready"] else None,
+                                         f"{p['ready_tcp']} accepting" if p["ready_tcp"] else None]))
+        pairs.append(("Ready", f"waits for {what}, up to {format_duration(p['ready_timeout_ms'] / 1000.0)}"))
+    if p.get("notify_status"):
+        pairs.append(("App status", p["notify_status"]))
+    limits = []
+    if p.get("max_memory_bytes"):
+        limits.append(f"memory {format_bytes(p['max_memory_bytes'])}")
+    if p.get("max_cpu_percent"):
+        limits.append(f"CPU {p['max_cpu_percent']:g}%")
+    if limits:
+        pairs.append(("Limits", ", ".join(limits)))
+    if p.get("watch"):
+        pairs.append(("Watch", ", ".join(p["watch"])))
+    if p.get("cron_restart"):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(p["cron_next"])) if p.get("cron_next") else "-"
+        pairs.append(("Cron", f"{p['cron_restart']} (next {when})"))
+    if p.get("restart_reason"):
+        pairs.append(("Last restart", p["restart_reason"]))
     width = max(len(k) for k, _ in pairs) + 2
     lines = [f"{(k + ':').ljust(width)}{v}" for k, v in pairs]
     for line in p.get("stderr_tail") or ():

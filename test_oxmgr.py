@@ -599,7 +599,7 @@ class TestStateStore(HomeTestCase):
 # -- 8. config files -------------------------------------------------------------------------
 
 try:
-    import tomllib
+    import tomllib  # novermin  (compared with when present)
 except ImportError:  # Python < 3.11
     tomllib = None
 
@@ -1232,7 +1232,8 @@ BROKEN_CONFIGS = [
     ("noscript.json", {"apps": [{"name": "a"}]}, ["apps[0] 'a': script: each app needs a script"]),
     ("policy.toml", "[[apps]]\nname='a'\ncommand='x'\nrestart_policy='sometimes'",
      ["restart_policy: expected one of always, on-failure, never"]),
-    ("inst.json", {"apps": [{"name": "a", "script": "x", "instances": "lots"}]}, ["instances: expected a whole number"]),
+    ("inst.json", {"apps": [{"name": "a", "script": "x", "instances": "lots"}]},
+     ["instances: expected a whole number"]),
     ("env.toml", "[[apps]]\nname='a'\ncommand='x'\nenv='A=1'", ["env: expected a table of NAME = value"]),
     ("version.toml", "version = 2\n[[apps]]\nname='a'\ncommand='x'", ["version: only version = 1 is known"]),
     ("noapps.toml", "version = 1\n", ["apps: expected at least one [[apps]] table"]),
@@ -2609,6 +2610,320 @@ class TestLogRotationEndToEnd(DaemonTestCase):
         os.unlink(ticker)
         self.cli_ok("restart", "flow")  # the follower keeps going across a restart too
         self.assertTrue(reader.next_line().startswith("ready"))
+
+
+# -- health, readiness, metrics, limits, watch, cron ---------------------------------------------
+
+NOTIFY_READY = """
+    import os, socket, sys, time
+    def notify(message):
+        address = os.environ["NOTIFY_SOCKET"]
+        if address.startswith("@"):
+            address = "\\0" + address[1:]
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.sendto(message, address)
+        s.close()
+    marker = sys.argv[1] if len(sys.argv) > 1 else None
+    time.sleep(float(os.environ.get("READY_AFTER", "0.3")))
+    if marker:
+        open(marker, "w").close()
+    notify(b"READY=1\\nSTATUS=serving requests")
+    print("ready", os.getpid(), flush=True)
+    while True:
+        time.sleep(60)
+"""
+
+
+def http_app(status_file):
+    """An HTTP server on $PORT whose /health answers the code written in status_file."""
+    return f"""
+        import http.server, os
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                try:
+                    code = int(open({status_file!r}).read().strip() or 200)
+                except (OSError, ValueError):
+                    code = 200
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            def log_message(self, *args):
+                pass
+        server = http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H)
+        print("ready", os.getpid(), flush=True)
+        server.serve_forever()
+    """
+
+
+class TestWatchRules(unittest.TestCase):
+
+    def test_watch_ignored_table(self):
+        root = "/app"
+        for path, patterns, expected in [
+            ("/app/src/a.js", [], False), ("/app/node_modules/x/y.js", [], True), ("/app/.git/HEAD", [], True),
+            ("/app/src/__pycache__/m.pyc", [], True), ("/app/logs/a.log", [r"\.log$"], True),
+            ("/app/tmp/x.tmp", ["*.tmp"], True), ("/app/tmp/x.txt", ["*.tmp"], False),
+            ("/app/build/out.js", ["build"], True), ("/app/src/build.js", ["^build/"], False),
+            ("/app/a[b", ["a[b"], True), ("/home/oxmgr/logs/x.log", [], True),
+        ]:
+            with self.subTest(path=path, patterns=patterns):
+                self.assertEqual(oxmgr._watch_ignored(path, root, patterns, ["/home/oxmgr"]), expected)
+
+    def test_parse_inotify_fixture(self):
+        import struct
+        data = struct.pack("iIII", 1, oxmgr.IN_CREATE, 0, 16) + b"file.txt".ljust(16, b"\0")
+        data += struct.pack("iIII", 2, oxmgr.IN_CREATE | oxmgr.IN_ISDIR, 7, 0)
+        self.assertEqual(oxmgr._parse_inotify(data), [(1, oxmgr.IN_CREATE, 0, "file.txt"),
+                                                      (2, oxmgr.IN_CREATE | oxmgr.IN_ISDIR, 7, "")])
+
+
+class TestLimitsFake(SupervisorTestCase):
+
+    def test_memory_over_the_limit_restarts_at_once(self):
+        proc = self.add(max_memory_bytes=100 << 20)
+        self.start(proc)
+        proc.memory_bytes, proc.cpu_percent = 150 << 20, 1.0
+        proc.check_limits()
+        self.run_until(lambda: len(self.spawner.children) == 2, message="restart")
+        self.assertIn("memory 150.0M over the 100.0M limit", proc.rec.restart_reason)
+        self.assertEqual(proc.rec.restart_count, 1)
+
+    def test_cpu_needs_a_sustained_excess(self):
+        proc = self.add(max_cpu_percent=50)
+        self.start(proc)
+        for cpu in (90, 90, 10, 90, 90):  # a spike, a dip: the count starts over
+            proc.cpu_percent = cpu
+            proc.check_limits()
+        self.run_async(self.loop.sleep(0.01))
+        self.assertEqual(len(self.spawner.children), 1)
+        proc.cpu_percent = 95
+        proc.check_limits()
+        self.run_until(lambda: len(self.spawner.children) == 2, message="restart")
+        self.assertIn("CPU over 50% for 3 samples in a row", proc.rec.restart_reason)
+
+
+@POSIX_ONLY
+class TestHealthAndLimits(DaemonTestCase):
+    extra_env = {"OXMGR_METRICS_INTERVAL": "0.2"}
+
+    def test_memory_is_counted_for_the_whole_tree(self):
+        """A parent whose child holds 60 MB reports at least 50 MB: the tree, not the main pid."""
+        code = """
+            import os, subprocess, sys, time
+            kid = subprocess.Popen([sys.executable, "-S", "-c",
+                "import sys, time; x = bytearray(60 * 1024 * 1024); x[::4096] = b'y' * len(x[::4096]); "
+                "print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE)
+            kid.stdout.readline()
+            print("ready", os.getpid(), flush=True)
+            time.sleep(600)
+        """
+        self.start_app("tree", code)
+        pid = self.wait_ready_pid("tree")
+        info = self.wait(lambda: (lambda i: i if (i["memory_bytes"] or 0) >= 50 << 20 and i["metrics_samples"] >= 2
+                                  else None)(self.info("tree")), "tree memory >= 50 MB, and a CPU figure")
+        self.assertLess(oxmgr.read_stats(pid).rss_bytes, 50 << 20)  # the parent alone is small
+        listed = json.loads(self.cli_ok("list", "--json"))[0]
+        self.assertGreaterEqual(listed["memory_bytes"], 50 << 20)
+        self.assertIsNotNone(listed["cpu_percent"])
+        self.assertRegex(self.cli_ok("list"), r"tree\s+default\s+running\s+\d+\s+\S+\s+0\s+[\d.]+\s+[\d.]+M")
+        self.assertGreater(info["metrics_samples"], 0)
+
+    def test_memory_limit_restarts_with_the_reason(self):
+        code = """
+            import os, time
+            print("ready", os.getpid(), flush=True)
+            hog = []
+            while True:
+                hog.append(bytearray(8 * 1024 * 1024))
+                hog[-1][::4096] = b"x" * len(hog[-1][::4096])
+                time.sleep(0.05)
+        """
+        self.start_app("hog", code, "--max-memory-mb", "40")
+        info = self.wait(lambda: (lambda i: i if i["restart_reason"] else None)(self.info("hog")), "limit restart")
+        self.assertRegex(info["restart_reason"], r"memory [\d.]+M over the 40.0M limit")
+        self.assertGreaterEqual(info["restart_count"], 1)
+        self.assertIn("Last restart:", self.cli_ok("status", "hog"))
+
+    def test_cpu_spike_does_not_restart_but_sustained_load_does(self):
+        spike = """
+            import os, time
+            end = time.monotonic() + 0.25
+            while time.monotonic() < end:
+                pass
+            print("spike done", flush=True)
+            print("ready", os.getpid(), flush=True)
+            time.sleep(600)
+        """
+        self.start_app("spiky", spike, "--max-cpu-percent", "50")
+        self.wait_log("spiky", "spike done")
+        after = self.info("spiky")["metrics_samples"]
+        self.wait(lambda: self.info("spiky")["metrics_samples"] >= after + 6, "six more samples")
+        self.assertEqual(self.info("spiky")["restart_count"], 0)
+        busy = "import os\nprint('ready', os.getpid(), flush=True)\nwhile True:\n    pass\n"
+        self.start_app("busy", busy, "--max-cpu-percent", "50")
+        info = self.wait(lambda: (lambda i: i if i["restart_reason"] else None)(self.info("busy")), "cpu restart")
+        self.assertIn("CPU over 50% for 3 samples in a row", info["restart_reason"])
+
+    def test_health_http_failing_restarts_passing_is_healthy(self):
+        status_file = os.path.join(self.tmp, "code")
+        port = free_port()
+        with open(status_file, "w") as f:
+            f.write("200")
+        self.cli_ok("start", python_child(http_app(status_file)), "--name", "web", "--env", f"PORT={port}",
+                    "--health-http", f"http://127.0.0.1:{port}/health", "--health-interval", "0.1",
+                    "--health-max-failures", "2")
+        self.wait_ready_pid("web")
+        self.wait(lambda: self.info("web")["health_status"] == "healthy", "healthy")
+        self.assertRegex(self.cli_ok("list"), r"web\s+default\s+running.*healthy")
+        self.assertIn("healthy (HTTP 200", self.cli_ok("status", "web"))
+        with open(status_file, "w") as f:
+            f.write("503")
+        info = self.wait(lambda: (lambda i: i if i["restart_reason"] else None)(self.info("web")), "health restart")
+        self.assertIn("health check failed 2 times in a row (HTTP 503)", info["restart_reason"])
+        self.assertEqual(info["restart_count"], 1)
+
+    def test_health_cmd_and_tcp(self):
+        port = free_port()
+        listener = f"""
+            import os, socket, time
+            s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+            print("ready", os.getpid(), flush=True)
+            while True:
+                s.accept()[0].close()
+        """
+        self.start_app("tcp", listener, "--health-tcp", f"127.0.0.1:{port}", "--health-interval", "0.1")
+        self.wait(lambda: self.info("tcp")["health_status"] == "healthy", "tcp healthy")
+        self.start_app("cmdfail", READY_THEN_SLEEP, "--health-cmd", "echo broken >&2; exit 3",
+                       "--health-interval", "0.1", "--health-max-failures", "1")
+        info = self.wait(lambda: (lambda i: i if i["restart_reason"] else None)(self.info("cmdfail")), "cmd restart")
+        self.assertIn("health_cmd exit 3: broken", info["restart_reason"])
+        self.start_app("slow", READY_THEN_SLEEP, "--health-cmd", "sleep 30", "--health-interval", "0.1",
+                       "--health-timeout", "0.2", "--health-max-failures", "5")
+        self.wait(lambda: "timed out" in (self.info("slow")["health_detail"] or ""), "health_cmd timeout")
+        self.assertTrue(self.daemon_up())
+
+
+@POSIX_ONLY
+class TestReadiness(DaemonTestCase):
+
+    def test_start_waits_for_ready_1(self):
+        """start --wait-ready returns after the app sent READY=1, not before."""
+        marker = os.path.join(self.tmp, "about-to-be-ready")
+        command = python_child(NOTIFY_READY) + " " + shlex.quote(marker)
+        self.cli_ok("start", command, "--name", "notified", "--wait-ready", "--env", "READY_AFTER=1")
+        self.assertTrue(os.path.exists(marker))  # written just before READY=1
+        info = self.info("notified")
+        self.assertEqual(info["status"], "running")
+        self.assertEqual(info["status_reason"], "ready: READY=1")
+        self.wait(lambda: self.info("notified")["notify_status"] == "serving requests", "STATUS= shown")
+        self.assertRegex(self.cli_ok("status", "notified"), r"(?m)^App status:\s+serving requests$")
+
+    def test_never_ready_fails_with_a_clear_message(self):
+        code, _, err = self.cli("start", python_child(READY_THEN_SLEEP), "--name", "mute", "--wait-ready",
+                                "--ready-timeout", "0.5")
+        self.assertEqual(code, 1)
+        self.assertIn("'mute' was not ready within 500ms (waited for READY=1 on NOTIFY_SOCKET); it was stopped", err)
+        info = self.info("mute")
+        self.assertEqual((info["status"], info["pid"]), ("errored", None))
+        self.assertEqual(pids_with_env("OXMGR_NAME=mute"), [])
+
+    def test_ready_tcp_and_exit_before_ready(self):
+        port = free_port()
+        code = f"""
+            import os, socket, time
+            time.sleep(0.3)
+            s = socket.socket(); s.bind(("127.0.0.1", {port})); s.listen()
+            print("ready", os.getpid(), flush=True)
+            while True:
+                s.accept()[0].close()
+        """
+        self.cli_ok("start", python_child(code), "--name", "porty", "--ready-tcp", f"127.0.0.1:{port}")
+        self.assertEqual(self.info("porty")["status_reason"], f"ready: 127.0.0.1:{port} accepts")
+        code, _, err = self.cli("start", python_child(EXIT_WITH(4)), "--name", "quitter", "--wait-ready",
+                                "--restart", "never")
+        self.assertEqual(code, 1)
+        self.assertIn("'quitter' exited with code 4 before it was ready", err)
+
+    def test_stop_interrupts_a_start_waiting_for_readiness(self):
+        starter = subprocess.Popen([sys.executable, OXMGR_PY, "start", python_child(READY_THEN_SLEEP), "--name",
+                                    "waiting", "--wait-ready", "--ready-timeout", "60"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        self.addCleanup(starter.wait)
+        self.wait(lambda: oxmgr.request(self.home, "list")["processes"] and self.info("waiting")["pid"], "spawned")
+        self.cli_ok("stop", "waiting")
+        _, err = starter.communicate(timeout=LONG_TIMEOUT)
+        self.assertEqual(starter.returncode, 1)
+        self.assertIn("stopped before it was ready", err)
+        self.assertEqual(self.info("waiting")["status"], "stopped")
+
+    def test_dependent_starts_after_its_dependency_is_ready(self):
+        marker = os.path.join(self.tmp, "db-ready")
+        db = python_child(NOTIFY_READY) + " " + shlex.quote(marker)
+        api = python_child(f"""
+            import os, time
+            print("db was ready:", os.path.exists({marker!r}), flush=True)
+            print("ready", os.getpid(), flush=True)
+            time.sleep(600)
+        """)
+        path = os.path.join(self.tmp, "oxfile.toml")
+        with open(path, "w") as f:
+            f.write(f"[[apps]]\nname = 'api'\ncommand = {oxmgr._toml_string(api)}\ndepends_on = ['db']\n"
+                    f"[[apps]]\nname = 'db'\ncommand = {oxmgr._toml_string(db)}\nwait_ready = true\n"
+                    f"[apps.env]\nREADY_AFTER = '1'\n")
+        self.cli_ok("apply", path)
+        self.wait_log("api", "db was ready: True")
+
+
+@POSIX_ONLY
+class TestWatchAndCron(DaemonTestCase):
+
+    def test_watch_restarts_once_per_settled_change(self):
+        src = os.path.join(self.tmp, "src")
+        os.makedirs(os.path.join(src, "node_modules"))
+        self.start_app("watched", READY_THEN_SLEEP, "--cwd", src, "--watch", "--watch-delay", "0.3",
+                       "--ignore-watch", "*.tmp")
+        self.wait_ready_pid("watched")
+        with open(os.path.join(src, "ignored.tmp"), "w") as f:
+            f.write("x")
+        with open(os.path.join(src, "node_modules", "dep.js"), "w") as f:
+            f.write("x")
+        with open(os.path.join(src, "app.js"), "w") as f:
+            f.write("x")
+        info = self.wait(lambda: (lambda i: i if i["restart_count"] == 1 else None)(self.info("watched")), "restart")
+        self.assertIn("watch: app.js changed", info["restart_reason"])  # not the ignored files
+        self.wait_ready_pid("watched")
+        for i in range(50):  # a burst inside one debounce window
+            with open(os.path.join(src, f"burst{i}.js"), "w") as f:
+                f.write(str(i))
+        self.wait(lambda: self.info("watched")["restart_count"] == 2, "one restart for the burst")
+        self.wait_ready_pid("watched")
+        os.makedirs(os.path.join(src, "lib"))  # new directories are watched too
+        self.wait(lambda: self.info("watched")["restart_count"] == 3, "restart for the new directory")
+        self.wait_ready_pid("watched")
+        with open(os.path.join(src, "lib", "deep.js"), "w") as f:
+            f.write("x")
+        info = self.wait(lambda: (lambda i: i if i["restart_count"] == 4 else None)(self.info("watched")), "deep")
+        self.assertIn("lib/deep.js", info["restart_reason"])
+
+    def test_cron_restarts_an_exited_app_but_not_a_stopped_one(self):
+        once = "import os\nprint('run', os.getpid(), flush=True)\n"
+        self.start_app("nightly", once, "--cron-restart", "*/2 * * * * *")
+        self.start_app("held", once, "--cron-restart", "*/2 * * * * *")
+        self.wait_status("held", "stopped")
+        self.cli_ok("stop", "held")
+
+        def runs(name):
+            try:
+                with open(self.home.log_path(name, "out")) as f:
+                    return f.read().count("run ")
+            except OSError:
+                return 0
+        held_runs = runs("held")
+        self.wait(lambda: runs("nightly") >= 3, "two cron runs", timeout=LONG_TIMEOUT)
+        self.assertEqual(runs("held"), held_runs)
+        info = self.info("nightly")
+        self.assertIn("cron_restart '*/2 * * * * *'", info["restart_reason"])
+        self.assertIn("Cron:", self.cli_ok("status", "nightly"))
 
 
 @POSIX_ONLY
