@@ -643,7 +643,7 @@ def clock_ticks():
     """Return the kernel clock tick rate used by /proc times (usually 100)."""
     try:
         return os.sysconf("SC_CLK_TCK")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
+    except (ValueError, OSError, AttributeError):  # pragma: no cover  (Windows: centiseconds, as above)
         return 100
 
 
@@ -815,8 +815,91 @@ def _stable_number(text):
     return n
 
 
+_win32 = None  # (kernel32, psapi, structures), loaded on first use
+
+
+def _win32_api():  # pragma: no cover  (Windows only)
+    """Load kernel32/psapi privately (ctypes.windll's argtypes are global) and declare signatures once."""
+    global _win32
+    if _win32 is None:
+        import ctypes
+        from ctypes import wintypes
+
+        class ProcessEntry32(ctypes.Structure):
+            _fields_ = [("dwSize", wintypes.DWORD), ("cntUsage", wintypes.DWORD),
+                        ("th32ProcessID", wintypes.DWORD), ("th32DefaultHeapID", ctypes.c_size_t),
+                        ("th32ModuleID", wintypes.DWORD), ("cntThreads", wintypes.DWORD),
+                        ("th32ParentProcessID", wintypes.DWORD), ("pcPriClassBase", wintypes.LONG),
+                        ("dwFlags", wintypes.DWORD), ("szExeFile", wintypes.WCHAR * 260)]
+
+        class MemoryCounters(ctypes.Structure):
+            _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+                (name, ctypes.c_size_t) for name in (
+                    "PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage", "QuotaPagedPoolUsage",
+                    "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")]
+
+        k32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        psapi = ctypes.WinDLL("psapi", use_last_error=True)
+        k32.CreateToolhelp32Snapshot.argtypes = [wintypes.DWORD, wintypes.DWORD]
+        k32.CreateToolhelp32Snapshot.restype = wintypes.HANDLE
+        for fn in (k32.Process32FirstW, k32.Process32NextW):
+            fn.argtypes = [wintypes.HANDLE, ctypes.POINTER(ProcessEntry32)]
+            fn.restype = wintypes.BOOL
+        k32.OpenProcess.argtypes = [wintypes.DWORD, wintypes.BOOL, wintypes.DWORD]
+        k32.OpenProcess.restype = wintypes.HANDLE
+        k32.GetProcessTimes.argtypes = [wintypes.HANDLE] + [ctypes.POINTER(wintypes.FILETIME)] * 4
+        k32.GetProcessTimes.restype = wintypes.BOOL
+        k32.CloseHandle.argtypes = [wintypes.HANDLE]
+        psapi.GetProcessMemoryInfo.argtypes = [wintypes.HANDLE, ctypes.POINTER(MemoryCounters), wintypes.DWORD]
+        psapi.GetProcessMemoryInfo.restype = wintypes.BOOL
+        _win32 = (k32, psapi, ProcessEntry32, MemoryCounters)
+    return _win32
+
+
+def _stats_from_win32():  # pragma: no cover  (Windows only)
+    """Return {pid: ProcStats} from a Toolhelp snapshot plus per-process times and memory.
+
+    cpu_ticks are centiseconds (FILETIME counts 100 ns), so clock_ticks() is 100 here too;
+    start_ticks is the creation FILETIME, which with the pid identifies a process.
+    """
+    import ctypes
+    from ctypes import wintypes
+    k32, psapi, ProcessEntry32, MemoryCounters = _win32_api()
+    snapshot = k32.CreateToolhelp32Snapshot(0x2, 0)  # TH32CS_SNAPPROCESS
+    if snapshot in (None, wintypes.HANDLE(-1).value):
+        raise ctypes.WinError(ctypes.get_last_error())
+    parents = {}
+    try:
+        entry = ProcessEntry32()
+        entry.dwSize = ctypes.sizeof(entry)
+        ok = k32.Process32FirstW(snapshot, ctypes.byref(entry))
+        while ok:
+            parents[entry.th32ProcessID] = entry.th32ParentProcessID
+            ok = k32.Process32NextW(snapshot, ctypes.byref(entry))
+    finally:
+        k32.CloseHandle(snapshot)
+    table = {}
+    for pid, ppid in parents.items():
+        handle = k32.OpenProcess(0x1000 | 0x0010, False, pid)  # QUERY_LIMITED_INFORMATION | VM_READ
+        if not handle:
+            continue  # gone, or not ours to look at
+        try:
+            times = [wintypes.FILETIME() for _ in range(4)]
+            if not k32.GetProcessTimes(handle, *[ctypes.byref(t) for t in times]):
+                continue
+            as_int = [(t.dwHighDateTime << 32) | t.dwLowDateTime for t in times]
+            counters = MemoryCounters()
+            counters.cb = ctypes.sizeof(counters)
+            rss = counters.WorkingSetSize if psapi.GetProcessMemoryInfo(
+                handle, ctypes.byref(counters), counters.cb) else 0
+            table[pid] = ProcStats(pid, ppid, pid, 0, "R", (as_int[2] + as_int[3]) // 100000, as_int[0], rss)
+        finally:
+            k32.CloseHandle(handle)
+    return table
+
+
 def read_process_table():
-    """Return {pid: ProcStats} for every process; one pass over /proc (or ps)."""
+    """Return {pid: ProcStats} for every process; one pass over /proc (or ps, or Toolhelp)."""
     if _LINUX:
         page = page_size()
         table = {}
@@ -832,6 +915,8 @@ def read_process_table():
             if stats is not None:
                 table[stats.pid] = stats
         return table
+    if _WINDOWS:  # pragma: no cover
+        return _stats_from_win32()
     import subprocess  # pragma: no cover  (macOS/BSD)
     out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid=,sess=,state=,time=,rss=,lstart="],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False).stdout
