@@ -465,6 +465,18 @@ def format_timestamp(fmt, when=None):
     return time.strftime(fmt, time.localtime(when))
 
 
+def _colour_enabled_fd(fd):
+    """Colour on a terminal, unless NO_COLOR is set (no-color.org)."""
+    try:
+        return os.isatty(fd) and "NO_COLOR" not in os.environ
+    except OSError:
+        return False
+
+
+def _paint(text, code, enabled):
+    return f"\033[{code}m{text}\033[0m" if enabled and code else text
+
+
 def env_flag(name):
     """Return True when an environment variable is set to a true-looking value."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
@@ -713,6 +725,21 @@ def _parse_inotify(data):
         events.append((wd, mask, cookie, os.fsdecode(name)))
         offset += 16 + length
     return events
+
+
+def make_subreaper():
+    """Adopt orphaned descendants, as PID 1 would (Linux prctl PR_SET_CHILD_SUBREAPER).
+
+    Returns True on success; elsewhere orphans go to init, which reaps them.
+    """
+    if not _LINUX:
+        return False  # pragma: no cover
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (ImportError, OSError, AttributeError):  # pragma: no cover
+        return False
 
 
 def boot_time():
@@ -1228,6 +1255,10 @@ def _v_listen(value):
     return out
 
 
+def _v_signal_list(value):
+    return [_v_signal(v) for v in _v_str_list(value)]
+
+
 def _v_cron(value):
     if value is None or value == "":
         return None
@@ -1386,11 +1417,12 @@ _SPEC_FIELDS = (
     ("watch_delay_s", DEFAULT_WATCH_DELAY_S, _v_seconds),
     ("cron_restart", None, _v_cron),
     ("listen", None, _v_listen),                   # sockets held by the daemon, passed as fd 3...
+    ("forward_signals", None, _v_signal_list),     # runtime: the signals this app alone receives
 )
 _SPEC_DEFAULTS = {name: default for name, default, _ in _SPEC_FIELDS}
 _SPEC_VALIDATORS = {name: check for name, _, check in _SPEC_FIELDS}
 _MUTABLE_DEFAULTS = {"env": dict, "interpreter_args": list, "stop_exit_codes": list, "depends_on": list,
-                     "watch": list, "ignore_watch": list, "listen": list}
+                     "watch": list, "ignore_watch": list, "listen": list, "forward_signals": list}
 
 
 class AppSpec:
@@ -2528,6 +2560,7 @@ _OXFILE_KEYS = {
     "log_date_format": ("log_date_format", None),
     "listen": ("listen", None),
     "unified_logs": ("merge_logs", None),
+    "forward_signals": ("forward_signals", None),
     # oxmgr.py's additions, so that a converted PM2 file means the same
     "exp_backoff_factor": ("backoff_factor", None),
 }
@@ -4386,7 +4419,8 @@ class ManagedProcess:
             data = _stamp_lines(data, stamp, at_start)
         if pump.stream == "err":
             self._err_tail = (self._err_tail + data)[-4096:]
-        for stream in (pump.stream, "combined") if self.spec.combined_file else (pump.stream,):
+        streams = (pump.stream, "combined") if self.spec.combined_file else (pump.stream,)
+        for stream in streams if self.sup.write_logs else ():
             try:
                 self.log(stream).write(data)
             except OSError as exc:
@@ -5232,7 +5266,7 @@ class Supervisor:
     """
 
     def __init__(self, loop, home, spawner=None, clock=None, log_policy=None, reap_all=False,
-                 log=None, persist=True):
+                 log=None, persist=True, write_logs=True):
         self.loop = loop
         self.home = home
         self.spawner = spawner or self._spawn_real
@@ -5241,6 +5275,7 @@ class Supervisor:
         self.reaper = Reaper(reap_all)
         self.log = log or loop.log
         self.persist = persist
+        self.write_logs = write_logs   # runtime: output to the console only, unless asked
         self.procs = {}              # id -> ManagedProcess, in id order
         self.next_id = 0
         self.output_listeners = []   # fn(proc, stream, data)
@@ -5746,10 +5781,15 @@ def _arg_env(msg, key="env"):
 class Daemon:
     """The per-user daemon: control socket, supervisor, persistence, signals."""
 
+    role = "daemon"
+    persist = True       # state.json: the daemon's apps outlive it
+    write_logs = True    # app output goes to log files
+
     def __init__(self, home, log_file=None, reap_all=True):
         self.home = home
         self.log_file = log_file
         self.reap_all = reap_all
+        self.exit_code = EXIT_OK
         self.loop = None
         self.sup = None
         self.token = None
@@ -5759,6 +5799,7 @@ class Daemon:
         self._listeners = []
         self._lock_fd = None
         self._shutting_down = False
+        self._shutdown_signal = None
         self._tick_handle = None
         self._recovery = None
         self._handlers = {
@@ -5818,29 +5859,36 @@ class Daemon:
         raise_fd_limit()
         policy = LogPolicy.from_env()
         self.loop = loop = EventLoop(log=self.log)
-        self.sup = sup = Supervisor(loop, home, log_policy=policy, reap_all=self.reap_all, log=self.log)
+        self.sup = sup = Supervisor(loop, home, log_policy=policy, reap_all=self.reap_all, log=self.log,
+                                    persist=self.persist, write_logs=self.write_logs)
         self.ready = Event(loop)
         try:
-            # SIGCHLD first: nothing may exit unnoticed.
-            loop.add_signal_handler(signal.SIGCHLD, sup.on_sigchld)
-            loop.add_signal_handler(signal.SIGTERM, self.request_shutdown)
-            loop.add_signal_handler(signal.SIGINT, self.request_shutdown)
-            loop.add_signal_handler(signal.SIGHUP, self._reopen_log)
+            self._install_signals()
             self._listen()
             atomic_write(home.pid_file, f"{os.getpid()}\n".encode())
-            next_id, records, warnings = load_state(home)
-            for w in warnings:
-                self.log(w)
-            sup.load(next_id, records)
-            self.log(f"daemon {__version__} started (pid {os.getpid()}, {len(records)} apps, home {home.root})")
+            self._load()
             self._recovery = sup.background(self._recover(), "recovery")
             self._tick_handle = loop.call_later(TICK_S, self._tick)
             sup.start_metrics()
             loop.run_forever()
         finally:
             self._cleanup()
-        self.log("daemon stopped")
-        return EXIT_OK
+        self.log(f"{self.role} stopped")
+        return self.exit_code
+
+    def _install_signals(self):
+        # SIGCHLD first: nothing may exit unnoticed.
+        self.loop.add_signal_handler(signal.SIGCHLD, self.sup.on_sigchld)
+        self.loop.add_signal_handler(signal.SIGTERM, self.request_shutdown)
+        self.loop.add_signal_handler(signal.SIGINT, self.request_shutdown)
+        self.loop.add_signal_handler(signal.SIGHUP, self._reopen_log)
+
+    def _load(self):
+        next_id, records, warnings = load_state(self.home)
+        for w in warnings:
+            self.log(w)
+        self.sup.load(next_id, records)
+        self.log(f"daemon {__version__} started (pid {os.getpid()}, {len(records)} apps, home {self.home.root})")
 
     def _listen(self):
         import socket
@@ -5935,10 +5983,11 @@ class Daemon:
         for error in await sup.start_in_order(wanted):
             self.log(error)
 
-    def request_shutdown(self, _signum=None):
+    def request_shutdown(self, signum=None):
         if self._shutting_down:
             return
         self._shutting_down = True
+        self._shutdown_signal = signum
         self.sup.background(self._shutdown(), "shutdown")
 
     async def _shutdown(self):
@@ -5956,7 +6005,11 @@ class Daemon:
         # desired=None: a shutdown never changes what the user asked to run.
         await self.sup.stop_all(list(self.sup.procs.values()), desired=None)
         self.sup.save_now()
+        self._finish()
         self.loop.stop()
+
+    def _finish(self):
+        """Hook: the apps are stopped and the loop is about to end."""
 
     def _cleanup(self):
         for conn in list(self.connections):
@@ -6235,6 +6288,236 @@ def _read_pid(path):
     except (OSError, ValueError):
         return None
 
+
+# Signals a container's PID 1 passes on to the apps (tini forwards everything
+# it can catch; SIGTERM and SIGINT mean "stop everything" instead).
+FORWARDED_SIGNALS = tuple(getattr(signal, name) for name in (
+    "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGQUIT", "SIGCONT", "SIGALRM", "SIGURG", "SIGPWR", "SIGINFO")
+    if hasattr(signal, name))
+_APP_COLOURS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
+CONSOLE_BUFFER_BYTES = 4 << 20
+
+
+class _Console:
+    """Write apps' lines to our stdout/stderr without ever blocking the loop.
+
+    A pipe (docker's log driver) is written non-blocking, with a bounded
+    buffer: a log reader that stops reading costs lines, never reaping. A
+    terminal is written directly.
+    """
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.buffers = {1: bytearray(), 2: bytearray()}
+        self.dropped = {1: 0, 2: 0}
+        self.blocking = {}
+        for fd in (1, 2):
+            try:
+                if not os.isatty(fd):
+                    self.blocking[fd] = os.get_blocking(fd)
+                    os.set_blocking(fd, False)
+            except OSError:
+                pass
+
+    def write(self, fd, data):
+        buf = self.buffers[fd]
+        if len(buf) + len(data) > CONSOLE_BUFFER_BYTES:
+            self.dropped[fd] += data.count(b"\n")
+            return
+        if self.dropped[fd]:
+            buf += b"oxmgr | %d lines dropped: the reader of this stream was too slow\n" % self.dropped[fd]
+            self.dropped[fd] = 0
+        was_empty = not buf
+        buf += data
+        if was_empty:
+            self._flush(fd)
+
+    def _flush(self, fd):
+        buf = self.buffers[fd]
+        try:
+            sent = os.write(fd, buf) if buf else 0
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = len(buf)  # the reader is gone: nothing more to do
+        del buf[:sent]
+        try:
+            if buf:
+                self.loop.add_writer(fd, self._flush, fd)
+            else:
+                self.loop.remove_writer(fd)
+        except (ValueError, OSError):  # pragma: no cover  (a regular file is always writable)
+            pass
+
+    def close(self):
+        """Write what is left, blocking, and give the descriptors back as they were."""
+        for fd, buf in self.buffers.items():
+            try:
+                self.loop.remove_writer(fd)
+            except (ValueError, OSError):  # pragma: no cover
+                pass
+            if fd in self.blocking:
+                os.set_blocking(fd, self.blocking[fd])
+            try:
+                while buf:
+                    del buf[:os.write(fd, buf)]
+            except OSError:
+                pass
+
+
+class Runtime(Daemon):
+    """The supervisor in the foreground, for containers: `oxmgr runtime`.
+
+    The same engine as the daemon, with PID 1's duties added: every zombie
+    is reaped (as PID 1, or as a child subreaper), signals are forwarded to
+    the apps, output goes to our own stdout/stderr with `name |` prefixes,
+    and the exit code is the apps' (tini's rule for one app).
+    """
+
+    role = "runtime"
+    persist = False
+    write_logs = False
+
+    def __init__(self, home, specs, exit_code_from=None, on_error="exit", prefix=True, as_json=False,
+                 write_logs=False, quiet=False):
+        super().__init__(home, reap_all=True)
+        self.specs = specs
+        self.exit_code_from = exit_code_from
+        self.on_error = on_error
+        self.prefix = prefix
+        self.as_json = as_json
+        self.write_logs = write_logs
+        self.quiet = quiet
+        self.console = None
+        self._partial = {}
+        self._trigger = None
+        self._started = False
+        self._colour = _colour_enabled_fd(1)
+        self._width = max((len(s.name) for s in specs), default=0)
+
+    def log(self, message):
+        if not self.quiet:
+            try:
+                sys.stderr.write(f"oxmgr | {message}\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):  # pragma: no cover
+                pass
+
+    def run(self):
+        if os.getpid() != 1 and not make_subreaper():
+            self.log("cannot become a child subreaper: orphaned grandchildren go to init")  # pragma: no cover
+        return super().run()
+
+    def _install_signals(self):
+        super()._install_signals()
+        for signum in FORWARDED_SIGNALS:
+            self.loop.add_signal_handler(signum, self._forward)
+
+    def _forward(self, signum):
+        name = signal_name(signum)
+        live = [p for p in self.sup.procs.values() if p.child is not None]
+        chosen = [p for p in live if name in p.spec.forward_signals]
+        for p in chosen or [p for p in live if not p.spec.forward_signals]:
+            p.send_signal(signum)
+
+    def _load(self):
+        self.console = _Console(self.loop)
+        self.sup.output_listeners.append(self._on_output)
+        self.sup.status_listeners.append(self._on_status)
+        for spec in self.specs:
+            self.sup.add(spec, dict(os.environ))
+        mode = "PID 1" if os.getpid() == 1 else "subreaper"
+        self.log(f"runtime {__version__} ({mode}): {len(self.specs)} apps")
+
+    async def _recover(self):
+        self.ready.set()  # `oxmgr list` works while the apps start
+        for error in await self.sup.start_in_order(list(self.sup.procs.values())):
+            self.log(error)
+        self._started = True
+        self._check_end()
+
+    # -- output ----------------------------------------------------------------
+
+    def _on_output(self, proc, stream, data):
+        key = (proc.rec.id, stream)
+        lines = (self._partial.pop(key, b"") + data).split(b"\n")
+        rest = lines.pop()
+        if len(rest) > MAX_FRAME_BYTES:
+            lines.append(rest)
+            rest = b""
+        if rest:
+            self._partial[key] = rest
+        if lines:
+            self._emit(proc, stream, lines)
+
+    def _emit(self, proc, stream, lines):
+        fd = 1 if stream == "out" else 2
+        if self.as_json:
+            out = b"".join(encode({"app": proc.name, "stream": stream,
+                                   "line": line.decode("utf-8", "replace")}) for line in lines)
+        elif self.prefix:
+            label = proc.name.ljust(self._width)
+            if self._colour:
+                label = _paint(label, _APP_COLOURS[proc.rec.id % len(_APP_COLOURS)], True)
+            head = (label + " | ").encode()
+            out = b"".join(head + line + b"\n" for line in lines)
+        else:
+            out = b"".join(line + b"\n" for line in lines)
+        self.console.write(fd, out)
+
+    def _flush_partial(self, proc):
+        for stream in ("out", "err"):
+            rest = self._partial.pop((proc.rec.id, stream), None)
+            if rest:
+                self._emit(proc, stream, [rest])
+
+    # -- when the run ends -------------------------------------------------------
+
+    def _on_status(self, proc, old, new, reason):
+        if new in (Status.STOPPED, Status.CRASHED, Status.ERRORED):
+            self._flush_partial(proc)
+        if self._started and not self._shutting_down:
+            self.loop.call_soon(self._check_end)
+
+    def _check_end(self):
+        if self._shutting_down:
+            return
+        procs = list(self.sup.procs.values())
+        settled = [p for p in procs if p.rec.status in (Status.STOPPED, Status.CRASHED, Status.ERRORED)
+                   and not p._lock.locked() and p._pending is None]
+        failed = [p for p in settled if p.rec.status != Status.STOPPED]
+        if failed and self.on_error == "exit":
+            self._trigger = failed[0]
+            self.log(f"{failed[0].name} {failed[0].rec.status}: {failed[0].rec.status_reason}; stopping the rest")
+            self.request_shutdown()
+        elif len(settled) == len(procs):
+            self.log("every app has exited" if procs else "no apps to run")
+            self.request_shutdown()
+
+    def _finish(self):
+        for p in self.sup.procs.values():
+            self._flush_partial(p)
+        self.exit_code = self._run_exit_code()
+        self.log(f"exit code {self.exit_code}")
+        self.console.close()
+
+    def _run_exit_code(self):
+        """The exit code of the run (see Runtime's docstring and the README)."""
+        procs = list(self.sup.procs.values())
+        if self.exit_code_from:
+            chosen = [p for p in procs if self.exit_code_from in (p.name, p.spec.base_name)]
+            return _app_exit_code(chosen[0]) if chosen else EXIT_ERROR
+        if self._trigger is not None:
+            return _app_exit_code(self._trigger) or EXIT_ERROR
+        if len(procs) == 1:
+            return _app_exit_code(procs[0])
+        return EXIT_OK
+
+
+def _app_exit_code(proc):
+    """One int for an app's last exit: its code, or 128 + N for a death by signal N."""
+    return exit_code_number(proc.rec.last_exit_code, proc.rec.last_signal)
+
 # =============================================================================
 # 15. Client (sync): blocking sockets with timeouts, no event loop
 # =============================================================================
@@ -6477,10 +6760,6 @@ def _colour_enabled(stream=None):
     return hasattr(stream, "isatty") and stream.isatty() and "NO_COLOR" not in os.environ
 
 
-def _paint(text, code, enabled):
-    return f"\033[{code}m{text}\033[0m" if enabled and code else text
-
-
 def _table(headers, rows, colour_cols=None):
     """Return a plain-text table; colour_cols maps a column index to a colour fn."""
     widths = [len(h) for h in headers]
@@ -6659,6 +6938,17 @@ def _args_convert(p):
     p.add_argument("--env", metavar="PROFILE", help="bake in a profile (default: keep them as profiles)")
 
 
+def _args_runtime(p):
+    _args_start(p)
+    p.add_argument("--exit-code-from", metavar="APP", help="exit with this app's code")
+    p.add_argument("--on-error", choices=("exit", "continue"), default="exit",
+                   help="when an app crashes or gives up: stop the rest and exit (default), or keep going")
+    p.add_argument("--no-prefix", action="store_true", help="print one app's lines as they are")
+    p.add_argument("--json", action="store_true", help="print each line as a JSON object")
+    p.add_argument("--log-files", action="store_true", help="also write the usual log files")
+    p.add_argument("--quiet", "-q", action="store_true", help="do not print oxmgr's own lines")
+
+
 def _args_targets(p):
     p.add_argument("targets", nargs="+", metavar="target", help="app name, id, namespace or all")
 
@@ -6724,6 +7014,7 @@ _SUBCOMMANDS = (
     (("apply",), "make the running apps match config files (idempotent)", _args_apply),
     (("convert",), "turn a PM2 ecosystem file into an oxfile.toml", _args_convert),
     (("validate",), "check config files without a daemon", _args_config_many),
+    (("runtime",), "supervise in the foreground, as a container's PID 1", _args_runtime),
     (("daemon",), "run, stop or check the daemon", _args_daemon),
 )
 
@@ -6815,30 +7106,25 @@ def _expand_cli_instances(spec, args):
     return [dict(spec, name=f"{base}-{i}", base_name=base, instance=i, instances=count) for i in range(count)]
 
 
-def cmd_start(args):
-    home = Home()
-    parts = args.cmd
-    spec_flags = {dest: getattr(args, dest) for _, dest, _ in _START_FLAGS}
-    given = {k: v for k, v in spec_flags.items() if v is not None}
-    if len(parts) == 1 and _is_config_path(parts[0]):
-        profiles = [e for e in args.env or () if "=" not in e]
-        if len(profiles) > 1 or len(profiles) != len(args.env or ()) or given:
-            raise UsageError("with a config file, start takes --env PROFILE and --only; "
-                             "put other settings in the file")
-        return _start_config(home, parts, profiles[0] if profiles else None, args.only)
+def _given_flags(args):
+    return {dest: getattr(args, dest) for _, dest, _ in _START_FLAGS if getattr(args, dest) is not None}
+
+
+def _config_profile(args, verb):
+    """With a config file, --env names a profile (PM2's habit); other flags belong in the file."""
+    profiles = [e for e in args.env or () if "=" not in e]
+    if len(profiles) > 1 or len(profiles) != len(args.env or ()) or _given_flags(args):
+        raise UsageError(f"with a config file, {verb} takes --env PROFILE and --only; "
+                         f"put other settings in the file")
+    return profiles[0] if profiles else None
+
+
+def _command_specs(args, parts, where):
+    """Build the app definitions for `<verb> <command> [flags]` (one per instance)."""
     if args.only:
         raise UsageError("--only goes with a config file")
-    if len(parts) == 1 and not given and not args.env and not args.time and not args.no_autorestart \
-            and args.instances is None and _looks_like_target(parts[0]):
-        try:
-            reply = call(home, "start", timeout=CLIENT_LONG_TIMEOUT_S, targets=[parts[0]])
-        except ProcessNotFound:
-            pass  # not an app: run it as a command
-        else:
-            _print_done("started", reply)
-            return EXIT_OK
     command = parts[0] if len(parts) == 1 else parts[0] + " " + quote_join(parts[1:])
-    spec = dict(given)
+    spec = _given_flags(args)
     spec["command"] = command
     spec["cwd"] = os.path.abspath(args.cwd or os.getcwd())
     if args.no_autorestart:
@@ -6863,12 +7149,52 @@ def cmd_start(args):
         check = dict(one)
         check.setdefault("name", default_app_name(command))
         try:
-            AppSpec.from_dict(check, where="start")
+            AppSpec.from_dict(check, where=where)
         except ConfigError as exc:
             raise UsageError(str(exc)) from None
+    return specs
+
+
+def cmd_start(args):
+    home = Home()
+    parts = args.cmd
+    if len(parts) == 1 and _is_config_path(parts[0]):
+        return _start_config(home, parts, _config_profile(args, "start"), args.only)
+    if len(parts) == 1 and not _given_flags(args) and not args.env and not args.time and not args.no_autorestart \
+            and args.instances is None and not args.only and _looks_like_target(parts[0]):
+        try:
+            reply = call(home, "start", timeout=CLIENT_LONG_TIMEOUT_S, targets=[parts[0]])
+        except ProcessNotFound:
+            pass  # not an app: run it as a command
+        else:
+            _print_done("started", reply)
+            return EXIT_OK
+    specs = _command_specs(args, parts, "start")
     reply = call(home, "start", timeout=CLIENT_LONG_TIMEOUT_S, apps=specs, env=dict(os.environ))
     _print_done("started", reply)
     return EXIT_OK
+
+
+def cmd_runtime(args):
+    """Supervise in the foreground, as a container's PID 1 (or a subreaper elsewhere)."""
+    parts = args.cmd
+    if len(parts) == 1 and _is_config_path(parts[0]):
+        specs = _load(parts, _config_profile(args, "runtime"), args.only).apps
+    else:
+        if args.restart_policy is None and not args.no_autorestart:
+            args.restart_policy = "never"  # tini's rule: run it once, exit with its code
+        raw = _command_specs(args, parts, "runtime")
+        for i, one in enumerate(raw):
+            one.setdefault("name", default_app_name(one["command"]) if len(raw) == 1 else f"app-{i}")
+        specs = [AppSpec.from_dict(one, where="runtime") for one in raw]
+    if args.exit_code_from and not any(args.exit_code_from in (s.name, s.base_name) for s in specs):
+        raise UsageError(f"--exit-code-from {args.exit_code_from!r}: no such app; the apps are: "
+                         f"{', '.join(s.name for s in specs)}")
+    if args.no_prefix and len({s.base_name or s.name for s in specs}) > 1:
+        raise UsageError("--no-prefix is for one app: with several, the prefix says whose line it is")
+    runtime = Runtime(Home(), specs, exit_code_from=args.exit_code_from, on_error=args.on_error,
+                      prefix=not args.no_prefix, as_json=args.json, write_logs=args.log_files, quiet=args.quiet)
+    return runtime.run()
 
 
 def cmd_import(args):
@@ -7145,6 +7471,7 @@ COMMANDS = {
     "apply": cmd_apply,
     "convert": cmd_convert,
     "validate": cmd_validate,
+    "runtime": cmd_runtime,
     "daemon": cmd_daemon,
 }
 

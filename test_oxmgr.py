@@ -2926,6 +2926,295 @@ class TestWatchAndCron(DaemonTestCase):
         self.assertIn("Cron:", self.cli_ok("status", "nightly"))
 
 
+# -- container mode: runtime ----------------------------------------------------------------------
+
+_UNSHARE = []
+
+
+def unshare_works():
+    """True when `unshare --pid --fork --mount-proc` may be used here (root, or a permissive kernel)."""
+    if not _UNSHARE:
+        try:
+            ok = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, timeout=SHORT_TIMEOUT).returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            ok = False
+        _UNSHARE.append(ok)
+    return _UNSHARE[0]
+
+
+def children_of(pid):
+    out = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        st = oxmgr.read_stats(int(name))
+        if st is not None and st.ppid == pid:
+            out.append(st)
+    return out
+
+
+SPAWN_ORPHANS = """
+    import os, time
+    for i in range(100):
+        if os.fork() == 0:
+            if os.fork() == 0:
+                time.sleep(0.05 + (i % 10) * 0.02)
+                os._exit(0)
+            os._exit(0)
+    time.sleep(0.05)
+    print("spawned 100", flush=True)
+"""
+
+POLITE = """
+    import os, signal, sys, time
+    def bye(signum, frame):
+        print("got SIGTERM", flush=True)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, bye)
+    print("ready", os.getpid(), flush=True)
+    while True:
+        time.sleep(60)
+"""
+
+
+class RuntimeRun:
+    """One `oxmgr runtime` process under test, as PID 1 (unshare) or as a subreaper."""
+
+    def __init__(self, case, args, pid1, env=None):
+        argv = [sys.executable, OXMGR_PY, "runtime"] + list(args)
+        if pid1:
+            argv = ["unshare", "--pid", "--fork", "--mount-proc"] + argv
+        self.pid1 = pid1
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     start_new_session=True)
+        case.addCleanup(self.kill)
+        self.out = LineReader(self.proc.stdout)
+        self.lines = []
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+
+    @property
+    def pid(self):
+        """The runtime's own pid (as the host sees it)."""
+        if not self.pid1:
+            return self.proc.pid
+        return wait_until(lambda: next((st.pid for st in children_of(self.proc.pid)), None), message="PID 1")
+
+    def expect(self, text):
+        """Read stdout until a line containing text; return that line."""
+        while True:
+            line = self.out.next_line()
+            self.lines.append(line)
+            if text in line:
+                return line
+
+    def expect_all(self, *texts):
+        """Read stdout until each text has appeared on some line, in any order."""
+        missing = set(texts)
+        while missing:
+            line = self.expect("")
+            missing = {t for t in missing if t not in line}
+
+    def finish(self):
+        """Wait for the exit; return (exit code, stderr)."""
+        self.proc.wait(LONG_TIMEOUT)
+        rest = self.proc.stdout.read().decode(errors="replace")
+        self.lines += rest.splitlines()
+        return self.proc.returncode, self.proc.stderr.read().decode(errors="replace")
+
+
+class RuntimeTestCase(HomeTestCase):
+    pid1 = False
+
+    def setUp(self):
+        if self.pid1 and not unshare_works():
+            self.skipTest("unshare --pid is not permitted here")
+        super().setUp()
+        self.marker = f"OXMGR_HOME={self.home_dir}"
+        self.addCleanup(self.no_leftovers)
+
+    def no_leftovers(self):
+        leaked = {pid: cmdline(pid) for pid in pids_with_env(self.marker)}
+        kill_pids(leaked)
+        if leaked:
+            raise AssertionError(f"processes leaked by the runtime: {leaked}")
+
+    def oxfile(self, text):
+        path = os.path.join(self.tmp, "oxfile.toml")
+        with open(path, "w") as f:
+            f.write(textwrap.dedent(text))
+        return path
+
+    def app(self, name, code, extra=""):
+        return f"[[apps]]\nname = {name!r}\ncommand = {oxmgr._toml_string(python_child(code))}\n{extra}\n"
+
+    def run_rt(self, *args):
+        return RuntimeRun(self, args, self.pid1)
+
+    def test_every_zombie_is_reaped(self):
+        """An app that leaves 100 orphaned grandchildren behind: none of them stays a zombie."""
+        rt = self.run_rt(self.oxfile(self.app("server", READY_THEN_SLEEP) + self.app("spawner", SPAWN_ORPHANS)))
+        rt.expect("spawner | spawned 100")
+        pid = rt.pid
+
+        def clean():
+            kids = children_of(pid)
+            return not any(st.state == "Z" for st in kids) and len(kids) == 1  # only the server is left
+        self.assertTrue(wait_until(clean, message="orphans reaped"))
+        os.kill(pid, signal.SIGTERM)
+        code, err = rt.finish()
+        self.assertEqual(code, 0, err)
+
+    def test_exit_codes_and_signal_deaths(self):
+        for command, expected in [("exit 0", 0), ("exit 3", 3), ("exit 126", 126), ("exit 255", 255),
+                                  ("kill -9 $$", 137), ("kill -SEGV $$", 139)]:
+            with self.subTest(command=command):
+                rt = self.run_rt("-q", "--", "sh", "-c", command)
+                code, err = rt.finish()
+                self.assertEqual(code, expected, err)
+
+    def test_sigterm_stops_every_app_then_exits(self):
+        """SIGTERM: each app gets its stop signal, a stubborn one is killed after its timeout, nothing survives."""
+        rt = self.run_rt(self.oxfile(self.app("polite", POLITE) + self.app("stubborn", IGNORE_SIGTERM,
+                                                                             "stop_timeout_secs = 0.5")
+                                     + self.app("server", READY_THEN_SLEEP)))
+        rt.expect_all("polite   | ready", "stubborn | ready", "server   | ready")
+        os.kill(rt.pid, signal.SIGTERM)
+        code, err = rt.finish()
+        self.assertEqual(code, 0, err)
+        self.assertIn("polite   | got SIGTERM", rt.lines)
+        self.assertIn("stubborn: stopping -> stopped (killed after stop_timeout)", err)
+        self.assertIn("exit code 0", err)
+
+    def test_signals_are_forwarded(self):
+        rt = self.run_rt("--", sys.executable, "-S", "-c", textwrap.dedent(PRINT_SIGNALS))
+        rt.expect("ready")
+        for sig in (signal.SIGUSR1, signal.SIGHUP):
+            os.kill(rt.pid, sig)
+            rt.expect(f"got {signal.Signals(sig).name}")
+        os.kill(rt.pid, signal.SIGTERM)
+        code, _ = rt.finish()
+        self.assertEqual(code, 128 + signal.SIGTERM)  # one app: its own exit, as tini reports it
+
+    def test_one_shot_job_does_not_end_the_run(self):
+        rt = self.run_rt(self.oxfile(self.app("job", "print('job done', flush=True)")
+                                     + self.app("server", READY_THEN_SLEEP)))
+        rt.expect_all("job    | job done", "server | ready")
+        listing = wait_until(lambda: (lambda ps: ps if ps["job"] == "stopped" else None)(
+            {p["name"]: p["status"] for p in oxmgr.request(self.home, "list")["processes"]}), message="job stopped")
+        self.assertEqual(listing, {"job": "stopped", "server": "running"})  # answered from inside
+        self.assertIsNone(rt.proc.poll())
+        self.assertIn("server", self.cli_ok("status", "server"))
+        os.kill(rt.pid, signal.SIGTERM)
+        self.assertEqual(rt.finish()[0], 0)
+
+    def test_output_lines_arrive_whole_with_prefixes(self):
+        talker = """
+            import sys
+            name = sys.argv[1]
+            for i in range(3000):
+                sys.stdout.write(f"{name}:{i}:" + "x" * (i % 700) + "\\n")
+            sys.stdout.write("END\\n")
+        """
+        path = self.oxfile("".join(
+            f"[[apps]]\nname = {n!r}\ncommand = {oxmgr._toml_string(python_child(talker) + ' ' + n)}\n"
+            for n in ("alpha", "beta")) + "[[apps]]\nname = 'keep'\ncommand = 'sleep 60'\n")
+        rt = self.run_rt(path)
+        seen = {"alpha": [], "beta": []}
+        while any(not lines or lines[-1] != "END" for lines in seen.values()):
+            line = rt.out.next_line()
+            label, sep, text = line.partition(" | ")
+            self.assertTrue(sep, line)
+            seen[label.strip()].append(text)
+        for name, lines in seen.items():
+            self.assertEqual(lines, [f"{name}:{i}:" + "x" * (i % 700) for i in range(3000)] + ["END"])
+        os.kill(rt.pid, signal.SIGTERM)
+        rt.finish()
+
+    def test_children_get_clean_signal_state(self):
+        rt = self.run_rt("--", "sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status")
+        code, err = rt.finish()
+        self.assertEqual(code, 0, err)
+        self.assertIn("sh | SigBlk:\t0000000000000000", rt.lines)
+        self.assertIn("sh | SigIgn:\t0000000000000000", rt.lines)
+
+    def test_a_failed_app_stops_the_rest(self):
+        path = self.oxfile(self.app("bad", EXIT_WITH(3), "restart_policy = 'on_failure'\nmax_restarts = 1")
+                           + self.app("server", READY_THEN_SLEEP))
+        rt = self.run_rt(path)
+        code, err = rt.finish()
+        self.assertEqual(code, 3, err)
+        self.assertIn("bad errored", err)
+        rt = self.run_rt("--on-error", "continue", path)
+        rt.expect("server | ready")
+        wait_until(lambda: {p["name"]: p["status"] for p in oxmgr.request(self.home, "list")["processes"]}["bad"]
+                   == "errored", message="bad errored")
+        self.assertIsNone(rt.proc.poll())
+        os.kill(rt.pid, signal.SIGTERM)
+        self.assertEqual(rt.finish()[0], 0)
+
+
+@POSIX_ONLY
+class TestRuntimeSubreaper(RuntimeTestCase):
+    """The runtime as a child subreaper, without a PID namespace."""
+
+    def test_exit_code_sweep_0_to_255(self):
+        """Every exit code 0..255 comes out unchanged (forks of this process: no interpreter start-up)."""
+        for code in range(256):
+            pid = os.fork()
+            if pid == 0:  # the child runs the runtime and exits with its code
+                try:
+                    with open(os.devnull, "w") as null:
+                        os.dup2(null.fileno(), 1)
+                        os.dup2(null.fileno(), 2)
+                    os._exit(oxmgr.main(["runtime", "-q", "--", "sh", "-c", f"exit {code}"]))
+                finally:
+                    os._exit(99)
+            _, status = os.waitpid(pid, 0)
+            self.assertEqual(oxmgr.decode_wait_status(status), (code, None))
+
+    def test_exit_code_from_json_and_log_files(self):
+        path = self.oxfile(self.app("job", "print('done', flush=True)") + self.app("server", POLITE))
+        rt = self.run_rt("--exit-code-from", "server", "--json", "--log-files", path)
+        first = json.loads(rt.out.next_line())
+        self.assertTrue({"app", "stream", "line"} <= set(first))
+        while True:
+            item = json.loads(rt.out.next_line())
+            if item["app"] == "server" and item["line"].startswith("ready"):
+                break
+        os.kill(rt.pid, signal.SIGTERM)
+        code, err = rt.finish()
+        self.assertEqual(code, 0, err)  # server's own exit: it handled SIGTERM and exited 0
+        with open(self.home.log_path("job", "out")) as f:
+            self.assertEqual(f.read(), "done\n")
+        self.assertFalse(os.path.exists(self.home.state))  # a runtime keeps no state.json
+
+    def test_forward_signals_rule_picks_the_app(self):
+        path = self.oxfile(self.app("a", PRINT_SIGNALS, "forward_signals = ['SIGUSR2']")
+                           + self.app("b", PRINT_SIGNALS))
+        rt = self.run_rt(path)
+        rt.expect_all("a | ready", "b | ready")
+        os.kill(rt.pid, signal.SIGUSR2)
+        self.assertEqual(rt.expect("got SIGUSR2"), "a | got SIGUSR2")
+        os.kill(rt.pid, signal.SIGUSR1)
+        self.assertEqual(rt.expect("got SIGUSR1"), "b | got SIGUSR1")
+        os.kill(rt.pid, signal.SIGTERM)
+        rt.finish()
+        self.assertNotIn("b | got SIGUSR2", rt.lines)
+        self.assertNotIn("a | got SIGUSR1", rt.lines)
+
+
+@POSIX_ONLY
+@unittest.skipUnless(sys.platform.startswith("linux"), "PID namespaces")
+class TestRuntimePid1(RuntimeTestCase):
+    """The same duties as PID 1 of a new PID namespace (unshare), as in a container."""
+    pid1 = True
+
+
 @POSIX_ONLY
 class TestExamples(HomeTestCase):
 
