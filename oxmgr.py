@@ -36,8 +36,9 @@ Sections (``grep -n '^# [0-9]\\+\\. ' oxmgr.py``):
     13. Supervisor core (async)
     14. Daemon (async)
     15. Client (sync)
-    16. CLI
-    17. Entry point
+    16. Boot services: systemd, launchd, Task Scheduler
+    17. CLI
+    18. Entry point
 """
 
 # =============================================================================
@@ -562,15 +563,43 @@ def make_pipe():
     return r, w
 
 
-def spawn_process(argv, cwd, env, stdout_fd, stderr_fd):
+def _pass_listen_fds(fds, env):
+    """Return a preexec_fn that puts held sockets at fds 3, 4... (systemd's socket passing).
+
+    LISTEN_PID must be the child's own pid, known only after fork; so the
+    environment is set here, in the child, before exec.
+    """
+    import fcntl
+    first, count = 3, len(fds)
+
+    def child():
+        # Lift every socket above the target range first, so no dup2 overwrites another.
+        lifted = [fcntl.fcntl(fd, fcntl.F_DUPFD, first + count) for fd in fds]
+        for i, fd in enumerate(lifted):
+            os.dup2(fd, first + i)  # dup2 clears close-on-exec
+        os.environ.clear()
+        os.environ.update(env)
+        os.environ["LISTEN_PID"] = str(os.getpid())
+    return child
+
+
+def spawn_process(argv, cwd, env, stdout_fd, stderr_fd, listen_fds=()):
     """Start argv in its own session and process group, stdin from /dev/null.
 
     Returns the Popen object; its pid is the app's pid and its process group
-    id. Raises SpawnError with 127 (not found) or 126 (not executable).
+    id. listen_fds are passed as fds 3, 4... with LISTEN_FDS/LISTEN_PID set.
+    Raises SpawnError with 127 (not found) or 126 (not executable).
     """
     import subprocess
     kwargs = {"start_new_session": True} if not _WINDOWS else {
         "creationflags": 0x00000200}  # pragma: no cover  CREATE_NEW_PROCESS_GROUP
+    if listen_fds:
+        # The environment is installed by the preexec hook, so look the program up on the app's PATH here.
+        program = argv[0] if os.sep in argv[0] else (_which_in(argv[0], env.get("PATH")) or argv[0])
+        argv = [program] + list(argv[1:])
+        kwargs.update(preexec_fn=_pass_listen_fds(list(listen_fds), env),
+                      pass_fds=tuple(range(3, 3 + len(listen_fds))))
+        env = None
     try:
         return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
                                 stdout=stdout_fd, stderr=stderr_fd, close_fds=True, **kwargs)
@@ -584,6 +613,15 @@ def spawn_process(argv, cwd, env, stdout_fd, stderr_fd):
         raise SpawnError(f"cwd is not a directory: {cwd!r}", EXIT_NOT_FOUND) from None
     except OSError as exc:
         raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE) from None
+
+
+def _which_in(program, path):
+    """Find an executable on a PATH string (shutil.which drags in bz2 and lzma)."""
+    for directory in (path if path is not None else os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def spawn_detached(argv, log_path, env=None):
@@ -725,6 +763,22 @@ def _parse_inotify(data):
         events.append((wd, mask, cookie, os.fsdecode(name)))
         offset += 16 + length
     return events
+
+
+def sd_notify(message):
+    """Tell systemd (Type=notify) how we are doing; a no-op without NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address or _WINDOWS:
+        return False
+    import socket
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), address)
+    except OSError:
+        return False
+    return True
 
 
 def make_subreaper():
@@ -1482,8 +1536,14 @@ class AppSpec:
         return AppSpec.from_dict(data, where=f"app {data.get('name')!r}")
 
     def fingerprint(self):
-        """Return a canonical string: equal strings mean an identical app."""
-        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """Return a canonical string: equal strings mean an identical app.
+
+        The group size (instances) is left out: scaling a group does not
+        change what each instance runs.
+        """
+        data = self.to_dict()
+        data.pop("instances")
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def __eq__(self, other):
         return isinstance(other, AppSpec) and self.to_dict() == other.to_dict()
@@ -2334,14 +2394,10 @@ class _JsLiteral:
 
 
 def _which(program, environ=None):
-    """Find an executable on PATH (shutil.which drags in bz2 and lzma)."""
+    """Find an executable on PATH."""
     if os.sep in program:
         return program if os.access(program, os.X_OK) else None
-    for directory in (environ or os.environ).get("PATH", os.defpath).split(os.pathsep):
-        candidate = os.path.join(directory or ".", program)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    return _which_in(program, (environ or os.environ).get("PATH", os.defpath))
 
 
 # Loads a config module the way PM2 does (require, or import() for ES modules)
@@ -2580,6 +2636,7 @@ _OXFILE_IGNORED = {
     "git_repo": "", "git_ref": "", "pull_secret": "",
 }
 _PATH_FIELDS = ("cwd", "out_file", "err_file", "combined_file")
+_EXPANDED_FIELDS = _PATH_FIELDS + ("listen",)
 
 
 def _map_keys(raw, table, special, ignored, where, problems, warnings, fields):
@@ -2591,7 +2648,7 @@ def _map_keys(raw, table, special, ignored, where, problems, warnings, fields):
             field, convert = table[key]
             try:
                 value = convert(value) if convert else value
-                if field not in _PATH_FIELDS:  # paths are checked once they are absolute
+                if field not in _EXPANDED_FIELDS:  # checked once $VAR and ~ are expanded
                     value = _SPEC_VALIDATORS[field](value)
                 fields[field] = value
             except ValueError as exc:
@@ -2755,9 +2812,12 @@ def _resolve_paths(fields, base_dir, where, problems, warnings):
             fields[key] = value
     if not fields.get("cwd"):
         fields["cwd"] = base_dir
-    for key in ("watch",):
-        if isinstance(fields.get(key), list):
-            fields[key] = [expand_vars(p, missing=missing) for p in fields[key]]
+    for key in ("watch", "listen"):
+        value = fields.get(key)
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            fields[key] = [expand_vars(p, missing=missing) if isinstance(p, str) else p for p in value]
     for name in sorted(set(missing)):
         warnings.append(f"{where}: ${name} is not set; it expands to an empty string")
 
@@ -3088,6 +3148,11 @@ class Home:
     def log_path(self, name, stream):
         """Return the default log path of an app stream ("out" or "err")."""
         return os.path.join(self.logs, f"{name}.{stream}.log")
+
+    @property
+    def dump(self):
+        """Where `save` writes the app set and `resurrect` reads it."""
+        return os.path.join(self.root, "dump.json")
 
     def notify_path(self, app_id):
         """Return the NOTIFY_SOCKET path of an app (by id: names can be long)."""
@@ -4365,6 +4430,8 @@ class ManagedProcess:
         self._watch_changed = None
         self._cron_timer = None
         self._cron_next = None
+        self._retiring = {}          # child -> (exit future, pumps): old processes a reload is retiring
+        self._reloading = False      # reload() owns the replacement's exit until it is ready
         # Loading from disk: nothing of ours runs yet, whatever the file says.
         if record.status in ALIVE_STATUSES:
             record.status = Status.STOPPED
@@ -4458,10 +4525,14 @@ class ManagedProcess:
         env = child_environment(spec, self.rec.base_env, self.rec.id)
         if spec.wait_ready:
             env["NOTIFY_SOCKET"] = self._open_notify()
+        listen_fds = [sock.fileno() for sock in self.sup.held_sockets(self)] if spec.listen else []
+        if listen_fds:
+            env["LISTEN_FDS"] = str(len(listen_fds))
+            env["LISTEN_FDNAMES"] = ":".join([spec.base_name or spec.name] * len(listen_fds))
         out_r, out_w = make_pipe()
         err_r, err_w = make_pipe()
         try:
-            child = self.sup.spawner(argv, spec.cwd, env, out_w, err_w)
+            child = self.sup.spawner(argv, spec.cwd, env, out_w, err_w, listen_fds=listen_fds)
         except BaseException:
             close_fd(out_r)
             close_fd(err_r)
@@ -4483,15 +4554,30 @@ class ManagedProcess:
         self.health_status = "starting" if health_kind(spec) else "none"
         self._pumps.append(_Pump(self, "out", out_r))
         self._pumps.append(_Pump(self, "err", err_r))
-        self.sup.watch_child(child, self._child_exited)
+        self.sup.watch_child(child, lambda status, child=child: self._on_exit(child, status))
         if self.needs_ready():
             self._ready_fut = Future(self.loop)
         else:
             self._set_status(Status.RUNNING, None)
             self._start_health_loop()
 
+    def _on_exit(self, child, wait_status):
+        """Called by the reaper for each of our children, current or retiring."""
+        if child is self.child:
+            self._child_exited(wait_status)
+            return
+        run = self._retiring.pop(child, None)
+        code, signum = decode_wait_status(wait_status) if wait_status is not None else (None, None)
+        if isinstance(child, _RealChild):
+            child.popen.returncode = exit_code_number(code, signum)
+        if run is not None:
+            exit_fut, pumps = run
+            for pump in pumps:
+                pump.drain()
+            exit_fut.set_result((code, signum))
+
     def _child_exited(self, wait_status):
-        """Called by the reaper: record the exit, then restart or settle."""
+        """The current child exited: record the exit, then restart or settle."""
         code, signum = decode_wait_status(wait_status) if wait_status is not None else (None, None)
         child, self.child = self.child, None
         if child is None:
@@ -4513,8 +4599,8 @@ class ManagedProcess:
         ready, self._ready_fut = self._ready_fut, None
         if ready is not None and not ready.done():
             ready.set_exception(SpawnError(f"{self.name!r} {describe_exit(code, signum)} before it was ready"))
-        if self._stopping or self.deleted:
-            return  # stop() owns this exit
+        if self._stopping or self._reloading or self.deleted:
+            return  # stop() or reload() owns this exit
         self._after_exit(code, signum, uptime, child.pid)
 
     def _after_exit(self, code, signum, uptime, pgid, what=None):
@@ -4976,13 +5062,106 @@ class ManagedProcess:
             for pump in list(self._pumps):
                 pump.drain()
             self.close_logs()  # the log paths may have changed
-            self.detach()
-            self.rec.spec = spec
-            self.rec.base_env = dict(base_env)
-            self.attach()
+            self._take(spec, base_env)
             await self._start_locked(start_delay=True)
         finally:
             self._lock.release()
+
+    async def reload(self, spec=None, base_env=None):
+        """Start a replacement, wait until it is ready, then stop the old process.
+
+        Ready means readiness (wait_ready, ready_tcp) or, without a rule, up
+        for min_uptime. If the replacement fails, it is killed and the old
+        process keeps serving; SpawnError says why. An app that is not
+        running is simply started.
+        """
+        self._interrupt_start("reloaded before it was ready")
+        await self._lock.acquire()
+        try:
+            if self.child is None or self.rec.status != Status.RUNNING:
+                await self._stop_locked()
+                self._take(spec, base_env)
+                await self._start_locked(start_delay=False)
+                return "started"
+            old = (self.child, self._exit_fut, self._pumps, self.rec.pid, self.rec.start_ticks,
+                   self.rec.started_at, self._spawned_at, self.health_status)
+            old_spec, old_env = self.rec.spec, self.rec.base_env
+            self._retiring[self.child] = (self._exit_fut, self._pumps)
+            self._stop_health_loop()
+            self.child, self._exit_fut, self._pumps = None, None, []
+            self._take(spec, base_env)
+            self._reloading = True
+            try:
+                await self._start_replacement()
+            except SpawnError as exc:
+                # Roll back: the old process never stopped serving.
+                self._retiring.pop(old[0], None)
+                self.child, self._exit_fut, self._pumps = old[0], old[1], old[2]
+                self.rec.pid = self.rec.pgid = old[3]
+                self.rec.start_ticks, self.rec.started_at, self._spawned_at, self.health_status = old[4:]
+                if spec is not None or base_env is not None:
+                    self.detach()
+                    self.rec.spec, self.rec.base_env = old_spec, old_env
+                    self.attach()
+                self._set_status(Status.RUNNING, "reload failed; the old process keeps serving")
+                self._start_health_loop()
+                raise SpawnError(f"reload of {self.name!r} failed: {exc}; the old process "
+                                 f"(pid {old[3]}) keeps serving") from None
+            finally:
+                self._reloading = False
+            self.rec.restart_count += 1
+            await self._retire(old[0], old[1])
+            return "reloaded"
+        finally:
+            self._lock.release()
+
+    def _take(self, spec, base_env):
+        """Adopt a new definition and/or environment (reload, replace)."""
+        if base_env is not None:
+            self.rec.base_env = dict(base_env)
+        if spec is not None and spec.fingerprint() != self.rec.spec.fingerprint():
+            self.detach()
+            self.rec.spec = spec
+            self.attach()
+        elif spec is not None:
+            self.rec.spec = spec  # only the group size changed
+
+    async def _start_replacement(self):
+        """Spawn the replacement of a reload and wait until it counts as ready."""
+        spec = self.spec
+        self._spawn()
+        if self.needs_ready():
+            try:
+                await self._become_ready()
+            except SpawnError:
+                await self._kill_child()
+                raise
+            return
+        # No readiness rule: the replacement must stay up for min_uptime.
+        exit_fut = self._exit_fut
+        try:
+            await wait_for(self.loop, exit_fut, spec.min_uptime_s)
+        except LoopTimeout:
+            return
+        code, signum = exit_fut.result()
+        raise SpawnError(f"the replacement {describe_exit(code, signum)} within min_uptime "
+                         f"({format_duration(spec.min_uptime_s)})")
+
+    async def _retire(self, child, exit_fut):
+        """Stop a process a reload replaced: stop signal, then SIGKILL after stop_timeout."""
+        spec = self.spec
+        deadline = self.loop.time() + spec.stop_timeout_s
+        child.signal_group(parse_signal(spec.stop_signal))
+        try:
+            await wait_for(self.loop, exit_fut, spec.stop_timeout_s)
+        except LoopTimeout:
+            child.signal_group(signal.SIGKILL)
+            try:
+                await wait_for(self.loop, exit_fut, 10.0)
+            except LoopTimeout:
+                self.sup.log(f"{self.name}: pid {child.pid} survives SIGKILL")
+        if isinstance(child, _RealChild):
+            await self._reap_group(child.pid, deadline=deadline)
 
     async def delete(self):
         """Stop the app and forget it; its log files stay on disk."""
@@ -5068,6 +5247,27 @@ class ManagedProcess:
             "log_date_format": spec.log_date_format,
             "env_keys": sorted(spec.env),
         }
+
+
+def _bind_listener(address):
+    """Bind and listen on "tcp://host:port" or "unix:/path"; SpawnError if it cannot."""
+    import socket
+    try:
+        if address.startswith("unix:"):
+            path = address[5:]
+            _unlink_quiet(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(path)
+        else:
+            host, _, port = address[len("tcp://"):].rpartition(":")
+            host = host.strip("[]")
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, int(port)))
+        sock.listen(1024)
+    except OSError as exc:
+        raise SpawnError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    return sock
 
 
 def _metrics_interval():
@@ -5289,11 +5489,38 @@ class Supervisor:
         self._sampler = TreeSampler(clock=time.monotonic)
         self._background = set()
         self._logs = {}              # path -> [RotatingLog, users]: instances may share a file
+        self._held = {}              # listen address -> [socket, {app groups}]
 
     # -- children -----------------------------------------------------------
 
-    def _spawn_real(self, argv, cwd, env, out_fd, err_fd):
-        return _RealChild(spawn_process(argv, cwd, env, out_fd, err_fd))
+    def _spawn_real(self, argv, cwd, env, out_fd, err_fd, listen_fds=()):
+        return _RealChild(spawn_process(argv, cwd, env, out_fd, err_fd, listen_fds))
+
+    def held_sockets(self, proc):
+        """Return the listening sockets of proc's `listen`, binding each address once.
+
+        Every instance of an app gets the same sockets, so they share the
+        port, and a reload's replacement accepts from the same queue.
+        """
+        group = proc.spec.base_name or proc.name
+        socks = []
+        for address in proc.spec.listen:
+            entry = self._held.get(address)
+            if entry is None:
+                entry = self._held[address] = [_bind_listener(address), set()]
+            entry[1].add(group)
+            socks.append(entry[0])
+        return socks
+
+    def release_sockets(self):
+        """Close held sockets that no registered app lists any more."""
+        wanted = {address for p in self.procs.values() for address in p.spec.listen}
+        for address in list(self._held):
+            if address not in wanted:
+                sock = self._held.pop(address)[0]
+                sock.close()
+                if address.startswith("unix:"):
+                    _unlink_quiet(address[5:])
 
     def watch_child(self, child, on_exit):
         if isinstance(child, _RealChild):
@@ -5356,6 +5583,7 @@ class Supervisor:
 
     def remove(self, proc):
         self.procs.pop(proc.rec.id, None)
+        self.release_sockets()
         self.save_soon()
 
     def resolve(self, targets, missing_ok=False):
@@ -5452,6 +5680,9 @@ class Supervisor:
             proc._close_notify()
             proc.close_logs()
         self.watcher.close()
+        for sock, _ in self._held.values():
+            sock.close()
+        self._held = {}
 
     async def run_command(self, command, env, cwd, timeout):
         """Run a shell command (a health check); return (exit code or None on timeout, output)."""
@@ -5807,7 +6038,8 @@ class Daemon:
             "restart": self._handle_restart, "delete": self._handle_delete,
             "list": self._handle_list, "status": self._handle_status, "logs": self._handle_logs,
             "flush": self._handle_flush, "signal": self._handle_signal, "reset": self._handle_reset,
-            "shutdown": self._handle_shutdown, "apply": self._handle_apply,
+            "shutdown": self._handle_shutdown, "apply": self._handle_apply, "reload": self._handle_reload,
+            "scale": self._handle_scale, "save": self._handle_save, "resurrect": self._handle_resurrect,
         }
 
     # -- logging ------------------------------------------------------------
@@ -5867,6 +6099,7 @@ class Daemon:
             self._listen()
             atomic_write(home.pid_file, f"{os.getpid()}\n".encode())
             self._load()
+            sd_notify(f"READY=1\nSTATUS=supervising {len(sup.procs)} apps\nMAINPID={os.getpid()}")
             self._recovery = sup.background(self._recover(), "recovery")
             self._tick_handle = loop.call_later(TICK_S, self._tick)
             sup.start_metrics()
@@ -5992,6 +6225,7 @@ class Daemon:
 
     async def _shutdown(self):
         self.log("shutting down: stopping apps")
+        sd_notify("STOPPING=1")
         for sock in self._listeners:
             self.loop.remove_reader(sock.fileno())
             sock.close()
@@ -6137,8 +6371,14 @@ class Daemon:
                     action = "created"
                     await proc.start()
                 elif proc.spec.fingerprint() != spec.fingerprint():
-                    action = "replaced"
-                    await proc.replace(spec, env)
+                    # Overlapping old and new is safe only on held sockets: a port the app binds
+                    # itself would still be taken by the old process.
+                    if spec.listen and spec.listen == proc.spec.listen and proc.rec.status == Status.RUNNING:
+                        action = "reloaded"
+                        await proc.reload(spec, env)
+                    else:
+                        action = "replaced"
+                        await proc.replace(spec, env)
                 elif proc.rec.status in ALIVE_STATUSES:
                     action = "unchanged"
                 else:
@@ -6181,6 +6421,92 @@ class Daemon:
         for p in procs:
             self.sup.remove(p)
         return {"ok": True, "processes": listing}
+
+    async def _handle_reload(self, msg, conn):
+        """Reload apps one at a time, so some instance always serves; stop at the first failure."""
+        procs = self._targets(msg)
+        env = _arg_env(msg) if msg.get("update_env") else None
+        done = []
+        for p in procs:
+            try:
+                await p.reload(base_env=env)
+            except SpawnError as exc:
+                note = f" (already reloaded: {', '.join(d.name for d in done)})" if done else ""
+                raise SpawnError(f"{exc}{note}") from None
+            done.append(p)
+        return {"ok": True, "processes": self._listing(done)}
+
+    async def _handle_scale(self, msg, conn):
+        """Grow or shrink an app's instances: name-0 .. name-(count-1), on the same held sockets."""
+        sup = self.sup
+        name = msg.get("name")
+        count = msg.get("count")
+        if not isinstance(name, str) or not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise IpcError("scale needs 'name' and a 'count' >= 1")
+        group = sorted((p for p in sup.procs.values() if (p.spec.base_name or p.name) == name),
+                       key=lambda p: (p.spec.instance if p.spec.instance is not None else -1, p.rec.id))
+        if not group:
+            raise ProcessNotFound(name)
+        first = group[0]
+        if len(group) == 1 and first.spec.instance is None and count > 1:
+            # One plain app becomes the first of a group: web -> web-0.
+            taken = sup.by_name(f"{name}-0")
+            if taken is not None:
+                raise DuplicateProcess(f"cannot scale {name!r}: an app named {name}-0 already exists")
+            first.close_logs()
+            first.rec.spec = first.spec.replace(name=f"{name}-0", base_name=name, instance=0)
+        template = first.spec
+        for p in group:
+            p.rec.spec = p.spec.replace(instances=count)
+        added = []
+        for i in range(len(group), count):
+            spec = template.replace(name=f"{name}-{i}", base_name=name, instance=i, instances=count)
+            if sup.by_name(spec.name) is not None:
+                raise DuplicateProcess(f"cannot scale {name!r}: an app named {spec.name} already exists")
+            added.append(sup.add(spec, first.rec.base_env))
+        doomed = group[count:]
+        await gather(self.loop, [p.delete() for p in doomed])
+        for p in doomed:
+            sup.remove(p)
+        errors = await sup.start_in_order(added)
+        sup.save_soon()
+        if errors:
+            raise SpawnError("; ".join(errors))
+        kept = group[:count] + added
+        return {"ok": True, "processes": self._listing(kept), "added": len(added), "removed": len(doomed)}
+
+    async def _handle_save(self, msg, conn):
+        procs = list(self.sup.procs.values())
+        data = {"version": 1, "saved_at": time.time(), "processes": [p.rec.to_dict() for p in procs]}
+        atomic_write(self.home.dump, json.dumps(data, separators=(",", ":")).encode())
+        return {"ok": True, "path": self.home.dump, "count": len(procs)}
+
+    async def _handle_resurrect(self, msg, conn):
+        """Bring back what `save` wrote: missing apps are added, those that were running are started."""
+        sup = self.sup
+        try:
+            with open(self.home.dump, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise OxmgrError(f"nothing to resurrect: {self.home.dump} does not exist; run 'oxmgr save' first") from None
+        try:
+            _, records = _parse_state(raw)
+        except (ValueError, StateError) as exc:
+            raise StateError(f"{self.home.dump} is unreadable ({exc}); save again") from None
+        warnings = []
+        to_start = []
+        for rec in records:
+            proc = sup.by_name(rec.name)
+            if proc is None:
+                proc = sup.add(rec.spec, rec.base_env or {})
+            elif proc.spec.fingerprint() != rec.spec.fingerprint():
+                warnings.append(f"{rec.name}: already registered with a different definition; left as it is")
+            if rec.desired == "running" or rec.status in ALIVE_STATUSES:
+                to_start.append(proc)
+        errors = await sup.start_in_order(to_start)
+        if errors:
+            raise SpawnError("; ".join(errors))
+        return {"ok": True, "processes": self._listing(to_start), "warnings": warnings}
 
     async def _handle_list(self, msg, conn):
         return {"ok": True, "processes": self._listing(self.sup.procs.values())}
@@ -6746,7 +7072,155 @@ def call(home, op, timeout=CLIENT_TIMEOUT_S, **args):
 
 
 # =============================================================================
-# 16. CLI
+# 16. Boot services: systemd, launchd, Task Scheduler
+# =============================================================================
+#
+# `startup` prints the definition that starts the daemon at boot, `service`
+# installs it. The definitions capture PATH and OXMGR_HOME from the shell
+# that installs them: apps restored at boot must find `node` and friends.
+
+SERVICE_SYSTEMS = ("systemd", "launchd", "task-scheduler")
+LAUNCHD_LABEL = "com.oxmgr.daemon"
+
+
+def detect_service_system():
+    """Return the boot service system of this platform."""
+    if _WINDOWS:  # pragma: no cover
+        return "task-scheduler"
+    if sys.platform == "darwin":  # pragma: no cover
+        return "launchd"
+    return "systemd"
+
+
+def _systemd_quote(text):
+    """Quote one word for a unit file: "..." with \\ and " escaped, % doubled (specifiers)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%") + '"'
+
+
+class ServiceDefinition:
+    """What a boot service needs to know to run `oxmgr daemon run` for one home."""
+
+    def __init__(self, home, python=None, script=None, path=None, system_wide=None):
+        self.home = home
+        self.python = python or sys.executable
+        self.script = script or os.path.abspath(__file__)
+        self.path = path if path is not None else os.environ.get("PATH", os.defpath)
+        uid = os.getuid() if hasattr(os, "getuid") else None
+        self.system_wide = (uid == 0) if system_wide is None else system_wide
+
+    def argv(self):
+        return [self.python, "-S", self.script, "daemon", "run"]
+
+    def systemd_unit(self):
+        """A unit that systemd-analyze verify accepts without a warning.
+
+        KillMode=mixed: systemd sends SIGTERM to the daemon alone, which stops
+        the apps gracefully (dependents first, each with its own signal and
+        timeout); whatever is left after TimeoutStopSec is killed.
+        """
+        lines = ["[Unit]", f"Description=oxmgr process manager (OXMGR_HOME={self.home.root})",
+                 f"Documentation=file://{self.script}"]
+        if self.system_wide:
+            lines += ["After=network-online.target", "Wants=network-online.target"]
+        lines += ["", "[Service]", "Type=notify", "NotifyAccess=main",
+                  "ExecStart=" + " ".join(_systemd_quote(a) for a in self.argv()),
+                  "Environment=" + _systemd_quote(f"PATH={self.path}"),
+                  "Environment=" + _systemd_quote(f"OXMGR_HOME={self.home.root}"),
+                  "Restart=always", "RestartSec=2", "KillMode=mixed", "TimeoutStopSec=90",
+                  "", "[Install]", "WantedBy=" + ("multi-user.target" if self.system_wide else "default.target"), ""]
+        return "\n".join(lines)
+
+    def launchd_plist(self):
+        import plistlib
+        data = {
+            "Label": LAUNCHD_LABEL, "ProgramArguments": self.argv(),
+            "EnvironmentVariables": {"PATH": self.path, "OXMGR_HOME": self.home.root},
+            "RunAtLoad": True, "KeepAlive": True, "ProcessType": "Background", "ExitTimeOut": 90,
+            "StandardOutPath": self.home.daemon_log, "StandardErrorPath": self.home.daemon_log,
+        }
+        return plistlib.dumps(data).decode("utf-8")
+
+    def task_scheduler_xml(self):
+        from xml.sax.saxutils import escape
+        # Task Scheduler cannot set variables: cmd sets them, then runs the daemon.
+        inner = (f'set "PATH={self.path}" && set "OXMGR_HOME={self.home.root}" && '
+                 + " ".join(f'"{a}"' for a in self.argv()))
+        return "\n".join([
+            '<?xml version="1.0" encoding="UTF-16"?>',
+            '<Task version="1.2" xmlns="http://schemas.microsoft.com/windows/2004/02/mit/task">',
+            "  <RegistrationInfo><Description>oxmgr process manager</Description></RegistrationInfo>",
+            "  <Triggers><LogonTrigger><Enabled>true</Enabled></LogonTrigger></Triggers>",
+            "  <Settings>",
+            "    <MultipleInstancesPolicy>IgnoreNew</MultipleInstancesPolicy>",
+            "    <DisallowStartIfOnBatteries>false</DisallowStartIfOnBatteries>",
+            "    <StopIfGoingOnBatteries>false</StopIfGoingOnBatteries>",
+            "    <ExecutionTimeLimit>PT0S</ExecutionTimeLimit>",
+            "    <RestartOnFailure><Interval>PT1M</Interval><Count>999</Count></RestartOnFailure>",
+            "  </Settings>",
+            '  <Actions Context="Author"><Exec>',
+            "    <Command>cmd.exe</Command>",
+            f"    <Arguments>/c {escape(inner)}</Arguments>",
+            "  </Exec></Actions>",
+            "</Task>", ""])
+
+    def location(self, system, directory=None):
+        """Return where the definition goes (directory overrides the usual place)."""
+        if system == "systemd":
+            base = directory or ("/etc/systemd/system" if self.system_wide
+                                 else os.path.join(os.environ.get("XDG_CONFIG_HOME") or
+                                                   os.path.expanduser("~/.config"), "systemd", "user"))
+            return os.path.join(base, "oxmgr.service")
+        if system == "launchd":
+            return os.path.join(directory or os.path.expanduser("~/Library/LaunchAgents"), LAUNCHD_LABEL + ".plist")
+        return os.path.join(directory or self.home.root, "oxmgr-task.xml")
+
+    def text(self, system):
+        return {"systemd": self.systemd_unit, "launchd": self.launchd_plist,
+                "task-scheduler": self.task_scheduler_xml}[system]()
+
+    def enable_commands(self, system, path):
+        """The commands that enable (and start) the service at path."""
+        if system == "systemd":
+            ctl = "systemctl" if self.system_wide else "systemctl --user"
+            commands = [f"{ctl} daemon-reload", f"{ctl} enable --now oxmgr.service"]
+            if not self.system_wide:
+                commands.append("loginctl enable-linger $USER   # start at boot, not at first login")
+            return commands
+        if system == "launchd":
+            return [f"launchctl bootstrap gui/$(id -u) {path}"]
+        return [f'schtasks /Create /TN oxmgr /XML "{path}" /F', "schtasks /Run /TN oxmgr"]
+
+    def disable_commands(self, system, path):
+        if system == "systemd":
+            ctl = "systemctl" if self.system_wide else "systemctl --user"
+            return [f"{ctl} disable --now oxmgr.service", f"{ctl} daemon-reload"]
+        if system == "launchd":
+            return [f"launchctl bootout gui/$(id -u) {path}"]
+        return ["schtasks /Delete /TN oxmgr /F"]
+
+
+def _service_manager_running(system):
+    """True when we can talk to the service manager here (systemd may be absent, as in containers)."""
+    if system == "systemd":
+        return os.path.isdir("/run/systemd/system") and _which("systemctl") is not None
+    if system == "launchd":  # pragma: no cover
+        return _which("launchctl") is not None
+    return _which("schtasks") is not None  # pragma: no cover
+
+
+def _run_commands(commands):
+    """Run shell commands in order; return the first failure as text, or None."""
+    import subprocess
+    for command in commands:
+        result = subprocess.run(command.split("#")[0], shell=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, universal_newlines=True)
+        if result.returncode != 0:
+            return f"{command.split('#')[0].strip()!r} failed: {result.stdout.strip()[-300:]}"
+    return None
+
+
+# =============================================================================
+# 17. CLI
 # =============================================================================
 
 _STATUS_COLOURS = {
@@ -6895,6 +7369,9 @@ _START_FLAGS = (
                                            "help": "restart once changes have settled this long (1s)"}),
     (("--cron-restart", "--cron"), "cron_restart", {"type": _typed(_v_cron), "metavar": "EXPR",
                                                    "help": "restart on a schedule: 5 cron fields, or 6 with seconds"}),
+    (("--listen",), "listen", {"action": "append", "type": _typed(lambda v: _v_listen([v])[0]), "metavar": "ADDR",
+                               "help": "hold a socket (tcp://host:port or unix:/path) and pass it as fd 3...; "
+                                       "repeatable"}),
 )
 
 
@@ -6987,6 +7464,31 @@ def _args_signal(p):
     _args_targets(p)
 
 
+def _args_reload(p):
+    _args_targets(p)
+    p.add_argument("--update-env", action="store_true", help="use this shell's environment from now on")
+
+
+def _args_scale(p):
+    p.add_argument("name", help="the app (its base name)")
+    p.add_argument("count", type=_typed(_v_positive_count), help="how many instances")
+
+
+def _args_service_system(p):
+    p.add_argument("--system", choices=("auto",) + SERVICE_SYSTEMS, default="auto",
+                   help="the boot service system (default: this platform's)")
+
+
+def _args_service(p):
+    p.add_argument("action", choices=("install", "uninstall", "status"))
+    _args_service_system(p)
+    p.add_argument("--dir", help="write the definition here instead of the usual place (and do not enable it)")
+
+
+def _args_none(p):
+    pass
+
+
 def _args_daemon(p):
     import argparse
     dsub = p.add_subparsers(dest="daemon_command", metavar="<run|stop|status>")
@@ -7003,6 +7505,12 @@ _SUBCOMMANDS = (
     (("start",), "start a command (or existing apps) under supervision", _args_start),
     (("stop",), "stop apps (name, id, namespace or all)", _args_targets),
     (("restart",), "stop then start apps", _args_restart),
+    (("reload",), "replace apps with no downtime: start the new, wait until ready, stop the old", _args_reload),
+    (("scale",), "change how many instances of an app run", _args_scale),
+    (("save",), "remember the running set in dump.json", _args_none),
+    (("resurrect",), "bring back the set saved by save", _args_none),
+    (("startup",), "print the boot service that starts the daemon", _args_service_system),
+    (("service",), "install, uninstall or check the boot service", _args_service),
     (("delete", "del"), "stop and forget apps", _args_targets),
     (("list", "ls", "ps"), "show all apps", _args_json),
     (("status", "describe", "show"), "show apps in detail", _args_status),
@@ -7260,6 +7768,93 @@ def _simple(op, verb, **extra):
     return run
 
 
+def cmd_reload(args):
+    extra = {"update_env": True, "env": dict(os.environ)} if args.update_env else {}
+    return _simple("reload", "reloaded", **extra)(args)
+
+
+def cmd_scale(args):
+    reply = call(Home(), "scale", timeout=CLIENT_LONG_TIMEOUT_S, name=args.name, count=args.count)
+    print(f"scaled {args.name} to {args.count} (+{reply['added']}, -{reply['removed']})")
+    return EXIT_OK
+
+
+def cmd_save(args):
+    reply = call(Home(), "save")
+    print(f"saved {reply['count']} apps to {reply['path']}")
+    return EXIT_OK
+
+
+def cmd_resurrect(args):
+    reply = call(Home(), "resurrect", timeout=CLIENT_LONG_TIMEOUT_S)
+    _print_warnings(reply.get("warnings", ()))
+    _print_done("resurrected", reply)
+    return EXIT_OK
+
+
+def _service_system(args):
+    return detect_service_system() if args.system == "auto" else args.system
+
+
+def cmd_startup(args):
+    system = _service_system(args)
+    definition = ServiceDefinition(Home())
+    path = definition.location(system)
+    print(f"# {system}: save this as {path}")
+    print(definition.text(system))
+    print("# then enable it:")
+    for command in definition.enable_commands(system, path):
+        print(command)
+    print("# or let oxmgr do all of it: oxmgr service install")
+    return EXIT_OK
+
+
+def cmd_service(args):
+    system = _service_system(args)
+    definition = ServiceDefinition(Home())
+    path = definition.location(system, args.dir)
+    if args.action == "status":
+        installed = os.path.exists(path)
+        try:
+            running = request(Home(), "ping")["pid"]
+        except OxmgrError:
+            running = None
+        print(f"{system} service: {'installed at ' + path if installed else 'not installed (' + path + ')'}; "
+              f"daemon {'running, pid ' + str(running) if running else 'not running'}")
+        return EXIT_OK if installed else EXIT_ERROR
+    manage = args.dir is None
+    if manage and not _service_manager_running(system):
+        manage = False
+        note = f"{system} is not running here, so it was not enabled; on a machine where it runs:"
+    else:
+        note = None
+    if args.action == "install":
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, definition.text(system).encode("utf-16" if system == "task-scheduler" else "utf-8"))
+        os.chmod(path, 0o644)
+        print(f"wrote {path}")
+        commands = definition.enable_commands(system, path)
+    else:
+        commands = definition.disable_commands(system, path)
+        if manage:
+            failure = _run_commands(commands[:1])
+            if failure:
+                print(f"oxmgr: warning: {failure}", file=sys.stderr)
+        _unlink_quiet(path)
+        print(f"removed {path}")
+        commands = commands[1:]
+    if manage:
+        failure = _run_commands(commands)
+        if failure:
+            raise OxmgrError(f"{failure}; run the commands yourself: {'; '.join(commands)}")
+        print(f"{'enabled and started' if args.action == 'install' else 'disabled'} the {system} service")
+    elif commands:
+        print(note or "to enable it:")
+        for command in commands:
+            print(f"  {command}")
+    return EXIT_OK
+
+
 def cmd_restart(args):
     extra = {"update_env": True, "env": dict(os.environ)} if args.update_env else {}
     return _simple("restart", "restarted", **extra)(args)
@@ -7472,11 +8067,17 @@ COMMANDS = {
     "convert": cmd_convert,
     "validate": cmd_validate,
     "runtime": cmd_runtime,
+    "reload": cmd_reload,
+    "scale": cmd_scale,
+    "save": cmd_save,
+    "resurrect": cmd_resurrect,
+    "startup": cmd_startup,
+    "service": cmd_service,
     "daemon": cmd_daemon,
 }
 
 # =============================================================================
-# 17. Entry point
+# 18. Entry point
 # =============================================================================
 
 

@@ -1726,7 +1726,7 @@ class FakeSpawner:
         self.fail_next = None
         self.ignore = ()
 
-    def __call__(self, argv, cwd, env, out_fd, err_fd):
+    def __call__(self, argv, cwd, env, out_fd, err_fd, listen_fds=()):
         if self.fail_next:
             exc, self.fail_next = self.fail_next, None
             raise exc
@@ -3213,6 +3213,303 @@ class TestRuntimeSubreaper(RuntimeTestCase):
 class TestRuntimePid1(RuntimeTestCase):
     """The same duties as PID 1 of a new PID namespace (unshare), as in a container."""
     pid1 = True
+
+
+# -- reload with held sockets, scale, save/resurrect, boot services ---------------------------------
+
+LISTEN_SERVER = os.path.join(HERE, "examples", "listen", "server.py")
+
+
+def http_pid(port, timeout=SHORT_TIMEOUT):
+    """GET / on a fresh connection; return the pid the server says it has."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/", headers={"Connection": "close"})
+        reply = conn.getresponse()
+        body = reply.read().decode()
+        if reply.status != 200 or not body.startswith("pid "):
+            raise OSError(f"bad reply {reply.status}: {body!r}")
+        return int(body.split()[1])
+    finally:
+        conn.close()
+
+
+class LoadClient:
+    """Requests in a loop on a thread, counting answers, failures and the pids that answered."""
+
+    def __init__(self, port):
+        import threading
+        self.port = port
+        self.ok = 0
+        self.failures = []
+        self.pids = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.pids.add(http_pid(self.port))
+                self.ok += 1
+            except OSError as exc:
+                self.failures.append(repr(exc))
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(LONG_TIMEOUT)
+
+
+@POSIX_ONLY
+class TestReload(DaemonTestCase):
+
+    def start_web(self, port, *flags, instances="2"):
+        self.cli_ok("start", f"{sys.executable} -S {LISTEN_SERVER}", "--name", "web", "--listen",
+                    f"tcp://127.0.0.1:{port}", "-i", instances, "--wait-ready", "--stop-timeout", "10", *flags)
+        return {self.info(f"web-{i}")["pid"] for i in range(int(instances))}
+
+    def test_reload_under_load_fails_no_request(self):
+        """2 instances behind a held socket, 2,000+ requests, 10 reloads: no failure, every pid replaced."""
+        port = free_port()
+        first = self.start_web(port)
+        client = LoadClient(port)
+        self.addCleanup(client.stop)
+        for _ in range(10):
+            self.cli_ok("reload", "web")
+        wait_until(lambda: client.ok >= 2000, LONG_TIMEOUT, "2,000 requests")
+        client.stop()
+        self.assertEqual(client.failures, [])
+        now = {self.info(f"web-{i}")["pid"] for i in range(2)}
+        self.assertFalse(now & first, "every pid has changed")
+        self.assertGreaterEqual(len(client.pids), 2 + 10 * 2 - 1)  # requests were answered across the reloads
+        self.assertEqual(self.info("web-0")["restart_count"], 10)
+
+    def test_replacement_that_never_gets_ready_leaves_the_old_one_serving(self):
+        port = free_port()
+        broken = os.path.join(self.tmp, "broken")
+        app = f"""
+            import os, runpy, sys, time
+            if os.path.exists({broken!r}):
+                time.sleep(600)  # a bad deploy: it never says READY=1
+            sys.argv = [{LISTEN_SERVER!r}]
+            runpy.run_path({LISTEN_SERVER!r}, run_name="__main__")
+        """
+        self.cli_ok("start", python_child(app), "--name", "web", "--listen", f"tcp://127.0.0.1:{port}",
+                    "-i", "2", "--wait-ready", "--ready-timeout", "0.5")
+        before = {self.info(f"web-{i}")["pid"] for i in range(2)}
+        open(broken, "w").close()
+        code, _, err = self.cli("reload", "web")
+        self.assertEqual(code, 1)
+        self.assertIn("reload of 'web-0' failed: 'web-0' was not ready within 500ms", err)
+        self.assertIn("the old process (pid", err)
+        self.assertIn("keeps serving", err)
+        self.assertEqual({self.info(f"web-{i}")["pid"] for i in range(2)}, before)
+        self.assertEqual({self.info(f"web-{i}")["status"] for i in range(2)}, {"running"})
+        answered = {http_pid(port) for _ in range(40)}
+        self.assertTrue(answered <= before and answered, answered)
+        alive = {p: cmdline(p) for p in pids_with_env(self.marker) if p != self.daemon.pid}
+        self.assertEqual(sorted(alive), sorted(before), alive)  # the replacement is gone, the old two remain
+
+    def test_reload_without_readiness_waits_min_uptime_and_rolls_back_a_crash(self):
+        self.start_app("plain", READY_THEN_SLEEP, "--min-uptime", "0.2")
+        old = self.wait_ready_pid("plain")
+        self.assertIn("reloaded plain", self.cli_ok("reload", "plain"))
+        new = self.wait_ready_pid("plain")
+        self.assertNotEqual(new, old)
+        self.assertFalse(oxmgr.process_running(old))
+        # a replacement that dies at once: the running one stays
+        flag = os.path.join(self.tmp, "die")
+        code = f"import os, sys, time\nif os.path.exists({flag!r}): sys.exit(9)\n" \
+               f"print('ready', os.getpid(), flush=True)\ntime.sleep(600)\n"
+        self.start_app("fragile", code, "--min-uptime", "0.5")
+        keep = self.wait_ready_pid("fragile")
+        open(flag, "w").close()
+        rc, _, err = self.cli("reload", "fragile")
+        self.assertEqual(rc, 1)
+        self.assertIn("the replacement exited with code 9 within min_uptime", err)
+        self.assertEqual(self.info("fragile")["pid"], keep)
+
+    def test_scale_grows_and_shrinks_on_the_same_port(self):
+        port = free_port()
+        self.start_web(port)
+        self.assertIn("scaled web to 4 (+2, -0)", self.cli_ok("scale", "web", "4"))
+        pids = {self.info(f"web-{i}")["pid"] for i in range(4)}
+        self.assertEqual(len(pids), 4)
+        seen = set()
+        wait_until(lambda: seen.add(http_pid(port)) or seen == pids, LONG_TIMEOUT, "all 4 answer on one port")
+        self.assertIn("scaled web to 1 (+0, -3)", self.cli_ok("scale", "web", "1"))
+        names = [p["name"] for p in json.loads(self.cli_ok("list", "--json"))]
+        self.assertEqual(names, ["web-0"])
+        only = self.info("web-0")["pid"]
+        self.assertEqual({http_pid(port) for _ in range(10)}, {only})
+        self.start_app("single", READY_THEN_SLEEP)
+        self.cli_ok("scale", "single", "2")
+        self.assertEqual(sorted(p["name"] for p in json.loads(self.cli_ok("list", "--json"))),
+                         ["single-0", "single-1", "web-0"])
+
+    def test_apply_reloads_a_changed_app_on_held_sockets(self):
+        port = free_port()
+        path = os.path.join(self.tmp, "oxfile.toml")
+
+        def write(label):
+            with open(path, "w") as f:
+                command = oxmgr._toml_string(sys.executable + " -S " + LISTEN_SERVER)
+                f.write(f"[[apps]]\nname = 'web'\ncommand = {command}\n"
+                        f"instances = 2\nlisten = ['tcp://127.0.0.1:{port}']\nwait_ready = true\n"
+                        f"[apps.env]\nLABEL = '{label}'\n")
+        write("one")
+        self.cli_ok("apply", path)
+        before = {self.info(f"web-{i}")["pid"] for i in range(2)}
+        write("two")
+        out = self.cli_ok("apply", path)
+        self.assertIn("reloaded  web-0", out)
+        self.assertIn("reloaded  web-1", out)
+        self.assertFalse(before & {self.info(f"web-{i}")["pid"] for i in range(2)})
+
+    def test_unix_socket_is_held_too(self):
+        path = os.path.join(self.tmp, "app.sock")
+        self.cli_ok("start", f"{sys.executable} -S {LISTEN_SERVER}", "--name", "unixweb", "--listen",
+                    f"unix:{path}", "--wait-ready")
+        self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(SHORT_TIMEOUT)
+            s.connect(path)
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            reply = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        self.assertIn(f"pid {self.info('unixweb')['pid']}".encode(), reply)
+        self.cli_ok("delete", "unixweb")
+        self.assertFalse(os.path.exists(path))  # the last user is gone: the socket is closed and removed
+
+    @unittest.skipUnless(HAVE_NODE, "node is not installed")
+    def test_node_example_on_held_socket(self):
+        port = free_port()
+        self.cli_ok("start", "node " + os.path.join(HERE, "examples", "listen", "server.js"), "--name", "nodeweb",
+                    "--listen", f"tcp://127.0.0.1:{port}", "-i", "2", "--min-uptime", "0.3")
+        pids = {self.info(f"nodeweb-{i}")["pid"] for i in range(2)}
+        seen = set()
+        wait_until(lambda: seen.add(http_pid(port)) or seen == pids, LONG_TIMEOUT, "both node instances answer")
+        self.cli_ok("reload", "nodeweb")
+        self.assertFalse(pids & {self.info(f"nodeweb-{i}")["pid"] for i in range(2)})
+        self.assertIn(http_pid(port), {self.info(f"nodeweb-{i}")["pid"] for i in range(2)})
+
+
+@POSIX_ONLY
+class TestSaveResurrect(DaemonTestCase):
+
+    def test_save_daemon_stop_resurrect(self):
+        """save, daemon stop, a fresh state, resurrect: the same apps with the same config run again."""
+        self.start_app("alpha", READY_THEN_SLEEP, "--restart", "always", "--env", "K=v", "--namespace", "ns")
+        self.start_app("beta", READY_THEN_SLEEP, "--max-restarts", "3", "--stop-timeout", "2")
+        self.start_app("idle", READY_THEN_SLEEP)
+        self.cli_ok("stop", "idle")
+        specs = {n: oxmgr.request(self.home, "status", targets=[n])["processes"][0] for n in ("alpha", "beta")}
+        self.assertIn("saved 3 apps", self.cli_ok("save"))
+        self.assertEqual(stat.S_IMODE(os.stat(self.home.dump).st_mode), 0o600)
+        self.cli_ok("daemon", "stop")
+        for path in (self.home.state, self.home.state_backup):
+            os.unlink(path)  # a new machine, or a wiped home: only dump.json is left
+        out = self.cli_ok("resurrect")
+        self.assertIn("resurrected alpha", out)
+        self.assertNotIn("resurrected idle", out)
+        for name in ("alpha", "beta"):
+            self.wait_ready_pid(name)
+            info = self.info(name)
+            for key in ("command", "namespace", "restart_policy", "max_restarts", "stop_timeout_ms", "env_keys", "cwd"):
+                self.assertEqual(info[key], specs[name][key], key)
+        self.assertEqual(self.info("idle")["status"], "stopped")
+        with open(self.home.log_path("alpha", "out")) as f:
+            self.assertIn("ready", f.read())
+
+    def test_resurrect_without_a_dump(self):
+        code, _, err = self.cli("resurrect")
+        self.assertEqual(code, 1)
+        self.assertIn("nothing to resurrect", err)
+        self.assertIn("run 'oxmgr save' first", err)
+
+
+class TestBootServices(HomeTestCase):
+
+    def definition(self, system_wide):
+        return oxmgr.ServiceDefinition(self.home, path="/usr/local/bin:/usr/bin:/opt/node 20/bin:/srv/100%",
+                                       system_wide=system_wide)
+
+    @unittest.skipUnless(oxmgr._which("systemd-analyze"), "systemd-analyze is not installed")
+    def test_systemd_unit_passes_verify_without_a_warning(self):
+        for system_wide in (True, False):
+            with self.subTest(system_wide=system_wide):
+                unit = self.definition(system_wide).systemd_unit()
+                path = os.path.join(self.tmp, "oxmgr.service")
+                with open(path, "w") as f:
+                    f.write(unit)
+                result = subprocess.run(["systemd-analyze", "verify", path], stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, universal_newlines=True, timeout=LONG_TIMEOUT)
+                self.assertEqual((result.returncode, result.stdout), (0, ""))
+                self.assertIn('Environment="PATH=/usr/local/bin:/usr/bin:/opt/node 20/bin:/srv/100%%"', unit)
+                self.assertIn(f'Environment="OXMGR_HOME={self.home.root}"', unit)
+                self.assertIn("KillMode=mixed", unit)
+                self.assertIn("Restart=always", unit)
+                self.assertIn("Type=notify", unit)
+                self.assertIn(f'"{sys.executable}" "-S" "{OXMGR_PY}" "daemon" "run"', unit)
+                self.assertIn("multi-user.target" if system_wide else "default.target", unit)
+
+    def test_launchd_plist_and_task_scheduler_xml_parse(self):
+        import plistlib
+        import xml.etree.ElementTree as ET
+        d = self.definition(False)
+        plist = plistlib.loads(d.launchd_plist().encode())
+        self.assertEqual(plist["ProgramArguments"], [sys.executable, "-S", OXMGR_PY, "daemon", "run"])
+        self.assertEqual(plist["EnvironmentVariables"]["PATH"], "/usr/local/bin:/usr/bin:/opt/node 20/bin:/srv/100%")
+        self.assertEqual(plist["EnvironmentVariables"]["OXMGR_HOME"], self.home.root)
+        self.assertTrue(plist["RunAtLoad"] and plist["KeepAlive"])
+        root = ET.fromstring(d.task_scheduler_xml().encode("utf-16"))
+        ns = {"t": "http://schemas.microsoft.com/windows/2004/02/mit/task"}
+        arguments = root.find("t:Actions/t:Exec/t:Arguments", ns).text
+        self.assertIn("OXMGR_HOME=" + self.home.root, arguments)
+        self.assertIn(OXMGR_PY, arguments)
+        self.assertIsNotNone(root.find("t:Triggers/t:LogonTrigger", ns))
+
+    def test_startup_prints_and_service_installs_into_a_directory(self):
+        out = self.cli_ok("startup", "--system", "systemd")
+        self.assertIn("[Service]", out)
+        self.assertIn("systemctl", out)
+        self.assertIn("launchctl bootstrap", self.cli_ok("startup", "--system", "launchd"))
+        target = os.path.join(self.tmp, "units")
+        out = self.cli_ok("service", "install", "--system", "systemd", "--dir", target)
+        unit = os.path.join(target, "oxmgr.service")
+        self.assertIn(f"wrote {unit}", out)
+        with open(unit) as f:
+            self.assertIn("ExecStart=", f.read())
+        code, out, _ = self.cli("service", "status", "--system", "systemd", "--dir", target)
+        self.assertEqual(code, 0)
+        self.assertIn("installed at", out)
+        self.assertIn(f"removed {unit}", self.cli_ok("service", "uninstall", "--system", "systemd", "--dir", target))
+        code, out, _ = self.cli("service", "status", "--system", "systemd", "--dir", target)
+        self.assertEqual(code, 1)
+        self.assertIn("not installed", out)
+
+    def test_daemon_tells_systemd_it_is_ready(self):
+        """Under Type=notify the daemon sends READY=1 once its socket accepts."""
+        notify = os.path.join(self.tmp, "notify.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+            listener.bind(notify)
+            listener.settimeout(LONG_TIMEOUT)
+            env = dict(os.environ, NOTIFY_SOCKET=notify)
+            daemon = subprocess.Popen([sys.executable, OXMGR_PY, "daemon", "run"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.addCleanup(daemon.wait)
+            self.addCleanup(lambda: daemon.poll() is None and daemon.send_signal(signal.SIGTERM))
+            message = listener.recv(4096).decode()
+            self.assertIn("READY=1", message)
+            self.assertIn(f"MAINPID={daemon.pid}", message)
+            self.assertTrue(oxmgr.request(self.home, "ping"))
+            daemon.send_signal(signal.SIGTERM)
+            self.assertIn("STOPPING=1", listener.recv(4096).decode())
 
 
 @POSIX_ONLY
