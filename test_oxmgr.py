@@ -62,6 +62,11 @@ def wait_until(predicate, timeout=SHORT_TIMEOUT, message=""):
         pause = min(pause * 2, 0.2)
 
 
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
 def python_child(code):
     """Return a command line that runs `code` in a clean Python (no site)."""
     return f"{shlex.quote(sys.executable)} -S -c {shlex.quote(textwrap.dedent(code))}"
@@ -396,6 +401,95 @@ class TestUtilities(unittest.TestCase):
         stamp = oxmgr.format_timestamp("%Y %f", when=1700000000.25)
         self.assertTrue(stamp.endswith(" 250"), stamp)
 
+    def test_command_splitting_without_shlex_matches_shlex(self):
+        import shlex
+        for command in ("node server.js", "  python3  -m  http.server 8000 ", "a\tb", "/usr/bin/env X=1 app",
+                        "node 'my server.js'", 'echo "a b"', "a\\ b", "ruby -e 'puts 1'"):
+            self.assertEqual(oxmgr.split_command(command), shlex.split(command), command)
+        for argv in (["node", "server.js"], ["a b", "it's", ""], ["$HOME", "x;y", "é"]):
+            self.assertEqual(shlex.split(" ".join(oxmgr.shell_quote(a) for a in argv)), argv)
+
+
+class TestFastPaths(unittest.TestCase):
+    """The import-light CLI paths give what the general ones give."""
+
+    # Command lines the fast parser takes, each compared with argparse's reading.
+    FAST = [
+        ["list"], ["ls", "--json"], ["ps"], ["status", "api"], ["describe", "a", "b", "--json"],
+        ["show", "--json", "a"], ["stop", "all"], ["stop", "api", "web"], ["delete", "1"], ["del", "x"],
+        ["reset", "api"], ["restart", "api", "--update-env"], ["restart", "--update-env", "a", "b"],
+        ["reload", "web"], ["daemon", "stop"], ["daemon", "status"], ["daemon", "status", "--json"],
+        ["start", "node server.js"], ["start", "python3 -m http.server"],
+        ["start", "node server.js", "--name", "api", "--env", "A=1", "--env", "B=2", "-i", "2", "--time"],
+        ["start", "--name", "w", "--restart", "always", "--restart-delay", "2s", "--max-restarts", "3",
+         "worker.py"],
+        ["start", "app.js", "--watch", "--ignore-watch", "node_modules", "--watch-delay", "1.5",
+         "--max-memory-mb", "200", "--health-http", "http://127.0.0.1:8080/health", "--stop-signal", "INT"],
+        ["start", "app.js", "--watch", "src", "--watch", "lib", "--no-autorestart", "--listen", "tcp://127.0.0.1:8080"],
+        ["start", "oxfile.toml", "--only", "api,worker"],
+    ]
+    # Forms left to argparse: help, errors, abbreviations, attached values, interleaving.
+    SLOW = [
+        [], ["--help"], ["list", "-h"], ["list", "extra"], ["status"], ["stop"], ["stop", "a", "--update-env"],
+        ["restart", "a", "--upd"], ["restart", "a", "--update-env", "b"], ["start"], ["start", "--name=x", "a"],
+        ["start", "a", "--max-mem", "1"], ["start", "a", "-i2"], ["start", "a", "--name"],
+        ["start", "a", "--max-restarts", "lots"], ["start", "a", "--listen", ":80"], ["start", "a", "--name", "x", "b"],
+        ["start", "--", "a"],
+        ["daemon", "run", "--bogus"], ["logs", "api"], ["frobnicate"],
+    ]
+
+    def argparse_reading(self, argv):
+        known = any(argv[0] in names for names, _, _ in oxmgr._SUBCOMMANDS)
+        return oxmgr._build_parser(argv[0] if known else None).parse_args(argv)
+
+    def test_fast_parser_agrees_with_argparse(self):
+        for argv in self.FAST:
+            fast = oxmgr._fast_parse(argv)
+            self.assertIsNotNone(fast, argv)
+            slow = self.argparse_reading(argv)
+            for key, value in vars(fast).items():
+                self.assertEqual(value, getattr(slow, key), f"{argv}: {key}")
+            for key, value in vars(slow).items():  # nothing argparse sets is missing
+                self.assertTrue(hasattr(fast, key) or value in (None, False, []), f"{argv}: {key}={value!r}")
+
+    def test_everything_else_goes_to_argparse(self):
+        for argv in self.SLOW:
+            self.assertIsNone(oxmgr._fast_parse(argv), argv)
+        self.assertEqual(vars(oxmgr._fast_parse(["--version"])), {"command": "version"})
+
+    def test_json_codec_matches_the_json_module(self):
+        values = [{}, [], {"a": [1, 2.5, -3, None, True, False, "é", "\u2028", "\x00\n\"\\"]},
+                  {"nested": {"deep": [[], {}, [{"x": 1e300}]]}, "big": 2 ** 70}, "plain", 0, -0.5,
+                  {"ok": False, "error": {"type": "IpcError", "message": "frame too long"}}]
+        for value in values:
+            text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            self.assertEqual(oxmgr.json_dumps(value), text)
+            self.assertEqual(oxmgr.json_loads(text), value)
+            self.assertEqual(oxmgr.json_loads("  \n" + json.dumps(value, indent=2) + " \n"), value)
+            self.assertEqual(oxmgr.json_pretty(value), json.dumps(value, indent=2))  # what --json prints
+        self.assertEqual(oxmgr.json_dumps({1: "x"}), '{"1":"x"}')
+        with self.assertRaises(TypeError):
+            oxmgr.json_dumps({"x": object()})
+        for bad in ("", "{", '{"a":}', "[1,]", "nul", '{"a":1} x', "{} {}", '"unterminated'):
+            with self.assertRaises(ValueError, msg=repr(bad)):
+                oxmgr.json_loads(bad)
+
+    def test_json_codec_reports_bad_frames_before_json_is_imported(self):
+        code = ("import sys; sys.path.insert(0, %r); import oxmgr\n"
+                "assert 'json' not in sys.modules\n"
+                "assert oxmgr.json_loads('{\"a\": [1]}') == {'a': [1]} and 'json' not in sys.modules\n"
+                "for bad in ('{', '[1,]', '{} x'):\n"
+                "    try:\n"
+                "        oxmgr.decode(bad)\n"
+                "    except oxmgr.IpcError as exc:\n"
+                "        print(exc)\n" % HERE)
+        result = subprocess.run([sys.executable, "-S", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=LONG_TIMEOUT)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertEqual(len(lines), 3, result.stdout)
+        self.assertTrue(all(line.startswith("frame is not JSON: ") for line in lines), lines)
+
 
 # -- 6. metrics --------------------------------------------------------------------
 
@@ -563,8 +657,22 @@ class TestStateStore(HomeTestCase):
         self.assertEqual([r.to_dict() for r in loaded], [r.to_dict() for r in recs])
         with open(self.home.state) as f:
             data = json.load(f)
-        self.assertEqual(set(data), {"version", "next_id", "processes"})
+        self.assertEqual(set(data), {"version", "next_id", "envs", "processes"})
         self.assertTrue({"id", "name", "status", "pid"} <= set(data["processes"][0]))
+
+    def test_environments_are_stored_once(self):
+        shared = {"PATH": "/bin", "SECRET": "x" * 1000}
+        recs = [make_record(i, f"app{i}", base_env=shared) for i in range(20)]
+        recs.append(make_record(20, "other", base_env={"PATH": "/usr/bin"}))
+        recs.append(make_record(21, "twin", base_env=dict(shared)))  # equal content, another dict
+        oxmgr.save_state(self.home, 22, recs)
+        with open(self.home.state) as f:
+            data = json.load(f)
+        self.assertEqual(len(data["envs"]), 2)
+        self.assertLess(os.path.getsize(self.home.state), 20 * 1000)
+        _, loaded, _ = oxmgr.load_state(self.home)
+        self.assertEqual([r.base_env for r in loaded], [r.base_env for r in recs])
+        self.assertIs(loaded[0].base_env, loaded[19].base_env)  # shared again in memory
 
     def test_home_is_private(self):
         os.chmod(self.home_dir, 0o755)
@@ -1354,6 +1462,17 @@ class TestRotatingLog(unittest.TestCase):
             log.write(b"0123456789\n")
         self.assertEqual(sorted(os.listdir(self.dir)), ["app.out.log", "app.out.log.1", "app.out.log.2"])
 
+    def test_lowering_max_files_prunes_the_surplus_at_the_next_rotation(self):
+        for i in range(1, 6):
+            with open(os.path.join(self.dir, f"app.out.log.{i}"), "wb") as f:
+                f.write(b"old %d\n" % i)
+        log = self.make(max_bytes=10, max_files=2)
+        log.write(b"0123456789\n")
+        log.write(b"abcdefghij\n")
+        self.assertEqual(sorted(os.listdir(self.dir)), ["app.out.log", "app.out.log.1", "app.out.log.2"])
+        with open(os.path.join(self.dir, "app.out.log.2"), "rb") as f:
+            self.assertEqual(f.read(), b"0123456789\n")
+
     def test_age_rotation_and_pruning(self):
         now = [1_000_000.0]
         log = self.make(max_bytes=0, max_files=5, max_age_s=100, clock=lambda: now[0])
@@ -1586,6 +1705,35 @@ class TestEventLoop(LoopTestCase):
         self.assertIn(b"ping", got)
         self.assertIn(signal.SIGUSR1, got)
         self.loop.remove_reader(r)
+
+    @unittest.skipUnless(sys.platform.startswith("linux"), "F_SETPIPE_SZ is Linux only")
+    def test_a_chatty_pipe_is_grown_and_a_quiet_one_is_not(self):
+        import fcntl
+        get_size = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+        got = []
+
+        class Proc:  # the three things a pump uses of its ManagedProcess
+            loop = self.loop
+            _pumps = []
+
+            def _output(self, pump, data):
+                got.append(len(data))
+
+        pumps = {}
+        for kind in ("chatty", "quiet"):
+            r, w = oxmgr.make_pipe()
+            self.addCleanup(os.close, w)
+            pumps[kind] = (oxmgr._Pump(Proc(), "out", r), w)
+            self.addCleanup(pumps[kind][0].close)
+        chatty_r = pumps["chatty"][0].fd
+        self.assertEqual(fcntl.fcntl(chatty_r, get_size), 1 << 16)
+        for _ in range(10):  # fill the pipe, let the pump empty it, again
+            os.write(pumps["chatty"][1], b"x" * (1 << 16))
+            os.write(pumps["quiet"][1], b"line\n")
+            want = len(got) + 2
+            self.run_until(lambda want=want: len(got) >= want, message="both pumps read")
+        self.assertEqual(fcntl.fcntl(chatty_r, get_size), oxmgr.CHATTY_PIPE_BYTES)
+        self.assertEqual(fcntl.fcntl(pumps["quiet"][0].fd, get_size), 1 << 16)
 
     def test_failing_callback_is_logged_not_fatal(self):
         self.loop.call_soon(lambda: 1 / 0)
@@ -1820,6 +1968,34 @@ class TestSupervisorFake(SupervisorTestCase):
         self.assertIn("fatal: config missing", proc.rec.status_reason)
         self.assertEqual(proc.rec.desired, "running")  # a daemon restart tries again
 
+    def test_launch_checks_every_app_now_and_spawns_the_rest_in_the_background(self):
+        good = [self.add(name=f"g{i}") for i in range(3)]
+        bad = self.add(name="bad", command="/no/such/program --flag")
+        seen = {}
+
+        async def scenario():
+            seen["errors"] = await self.sup.launch(good + [bad])
+            seen["statuses"] = [p.rec.status for p in good]   # the reply goes out now
+            seen["spawned"] = len(self.spawner.children)
+            await good[1].stop()  # a stop before its turn wins over the late start
+
+        self.run_async(scenario())
+        self.assertEqual(len(seen["errors"]), 1, seen["errors"])
+        self.assertIn("cannot start 'bad': command not found: '/no/such/program'", seen["errors"][0])
+        self.assertEqual(bad.rec.status, "errored")
+        self.assertEqual((seen["statuses"], seen["spawned"]), (["starting"] * 3, 0))
+        self.run_until(lambda: good[0].rec.status == good[2].rec.status == "running", message="background start")
+        self.assertEqual((good[1].rec.status, good[1].rec.desired), ("stopped", "stopped"))
+        self.assertEqual(len(self.spawner.children), 2)
+
+    def test_launch_of_one_app_or_one_with_readiness_waits(self):
+        one = self.add(name="one")
+        self.assertEqual(self.run_async(self.sup.launch([one])), [])
+        self.assertEqual(one.rec.status, "running")  # spawned before the reply
+        delayed = [self.add(name="d1"), self.add(name="d2", start_delay_s=0.01)]
+        self.assertEqual(self.run_async(self.sup.launch(delayed)), [])
+        self.assertEqual([p.rec.status for p in delayed], ["running", "running"])
+
     def test_stop_escalates_to_sigkill_after_timeout(self):
         self.spawner.ignore = {signal.SIGTERM}
         proc = self.add(stop_timeout_s=0.05)
@@ -1990,7 +2166,7 @@ class TestEndToEnd(DaemonTestCase):
         self.assertEqual(oxmgr.read_stats(pid).pgid, pid)
         marker = os.path.join(self.tmp, "shell-ran")
         self.cli_ok("start", f"echo one | cat > {shlex.quote(marker)} && sleep 60", "--name", "piped")
-        self.wait(lambda: os.path.exists(marker) and open(marker).read() == "one\n", "shell pipeline output")
+        self.wait(lambda: os.path.exists(marker) and read_text(marker) == "one\n", "shell pipeline output")
         pid = self.info("piped")["pid"]
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             self.assertEqual(f.read().split(b"\0")[:2], [b"/bin/sh", b"-c"])
@@ -2028,7 +2204,7 @@ class TestEndToEnd(DaemonTestCase):
         self.wait_log("upd", "v=1")
         os.environ["APP_V"] = "2"
         self.cli_ok("restart", "upd")
-        self.wait(lambda: open(self.home.log_path("upd", "out")).read().count("v=1") == 2, "second v=1")
+        self.wait(lambda: read_text(self.home.log_path("upd", "out")).count("v=1") == 2, "second v=1")
         self.cli_ok("restart", "upd", "--update-env")
         self.wait_log("upd", "v=2")
 
@@ -2108,7 +2284,7 @@ class TestEndToEnd(DaemonTestCase):
             kid = int(f.read().split("kid")[1].split()[0])
         os.kill(pid, signal.SIGKILL)
         self.wait(lambda: (lambda i: i["pid"] not in (None, pid))(self.info("holder")), "restart")
-        self.wait(lambda: open(self.home.log_path("holder", "out")).read().count("bound") == 2,
+        self.wait(lambda: read_text(self.home.log_path("holder", "out")).count("bound") == 2,
                   "the new grandchild bound the same port")
         self.assertFalse(oxmgr.read_stats(kid) is not None and oxmgr.read_stats(kid).state != "Z")
 
@@ -2147,7 +2323,7 @@ class TestEndToEnd(DaemonTestCase):
         self.assertEqual(json.loads(self.cli_ok("list", "--json")), [])
 
     def test_client_path_stays_light(self):
-        """list and status load nothing beyond argparse, json and socket: start-up time is the product."""
+        """list, status, stop and restart load no argparse, re, enum, json or socket: start-up time is the product."""
         self.start_app("light", READY_THEN_SLEEP)
 
         def modules(code):
@@ -2157,21 +2333,28 @@ class TestEndToEnd(DaemonTestCase):
             self.assertEqual(result.returncode, 0, result.stderr)
             return set(result.stdout.split())
 
-        baseline = modules("import sys, argparse, contextlib, io, json, socket, signal, errno, time\n"
-                           "p = argparse.ArgumentParser(); p.add_subparsers().add_parser('x'); p.parse_args(['x'])")
-        loaded = modules("import sys; sys.path.insert(0, %r); import oxmgr, contextlib, io\n"
+        baseline = modules("import sys, contextlib, io")
+        loaded = modules("import sys, contextlib, io; sys.path.insert(0, %r); import oxmgr\n"
                          "with contextlib.redirect_stdout(io.StringIO()):\n"
-                         "    assert oxmgr.main(['list']) == 0 and oxmgr.main(['status', 'light']) == 0" % HERE)
-        self.assertEqual(loaded - baseline, {"oxmgr", "__future__"})
-        for heavy in ("asyncio", "subprocess", "dataclasses", "hashlib"):
+                         "    for argv in (['list'], ['status', 'light'], ['ls', '--json'], ['restart', 'light'],\n"
+                         "                 ['stop', 'light']):\n"
+                         "        assert oxmgr.main(argv) == 0, argv" % HERE)
+        self.assertLessEqual(loaded - baseline, {"oxmgr", "__future__", "_json", "_socket", "errno", "_stat", "stat",
+                                                 "os", "os.path", "posixpath", "genericpath"})  # os: 3.8 -S
+        for heavy in ("argparse", "re", "enum", "json", "socket", "selectors", "signal", "shlex", "subprocess",
+                      "asyncio", "threading", "dataclasses", "hashlib", "datetime"):
             self.assertNotIn(heavy, loaded)
+        self.assertEqual(self.info("light")["status"], "stopped")  # the calls did their work
 
     def test_pgid_forgotten_once_the_group_is_gone(self):
         self.start_app("brief", EXIT_WITH(0))
         self.wait_status("brief", "stopped")
-        with open(self.home.state) as f:
-            record = [p for p in json.load(f)["processes"] if p["name"] == "brief"][0]
-        self.assertIsNone(record["pgid"])
+
+        def saved():  # the save follows the change within the same loop turn; poll for it
+            with open(self.home.state) as f:
+                record = [p for p in json.load(f)["processes"] if p["name"] == "brief"][0]
+            return record if record["status"] == "stopped" else None
+        self.assertIsNone(self.wait(saved, "state saved")["pgid"])
 
     def test_status_of_unknown_app(self):
         code, out, err = self.cli("status", "nope")
@@ -2198,6 +2381,20 @@ class TestEndToEnd(DaemonTestCase):
         self.assertEqual(code, 1)
         self.assertIn("command not found: 'definitely-not-a-command-xyz'", err)
         self.assertEqual(self.info("typo")["status"], "errored")
+
+    def test_config_start_reports_a_broken_app_and_brings_up_the_rest(self):
+        path = os.path.join(self.tmp, "oxfile.toml")
+        with open(path, "w") as f:
+            for name in ("w1", "w2", "w3"):
+                f.write(f"[[apps]]\nname = '{name}'\ncommand = {oxmgr._toml_string(python_child(READY_THEN_SLEEP))}\n")
+            f.write("[[apps]]\nname = 'broken'\ncommand = './missing-binary --port 1'\n")
+        code, _, err = self.cli("start", path)
+        self.assertEqual(code, 1)
+        self.assertIn("cannot start 'broken': command not found: './missing-binary'", err)
+        self.assertEqual(self.info("broken")["status"], "errored")
+        pids = {name: self.wait_ready_pid(name) for name in ("w1", "w2", "w3")}
+        self.assertEqual(len(set(pids.values())), 3)
+        self.assertEqual({self.info(n)["status"] for n in pids}, {"running"})
 
     def test_interpreter_from_extension(self):
         script = os.path.join(self.tmp, "worker.py")
@@ -2417,7 +2614,7 @@ class TestDaemonLifecycle(DaemonTestCase):
         with open(f"/proc/{daemon_pid}/cmdline", "rb") as f:
             self.assertIn(b"-S", f.read().split(b"\0"))
         self.wait_ready_pid("auto")
-        self.assertIn("started", open(self.home.daemon_log).read())
+        self.assertIn("started", read_text(self.home.daemon_log))
         self.cli_ok("daemon", "stop")
         self.wait(lambda: not oxmgr.pid_alive(daemon_pid), "auto-started daemon gone")
 
@@ -2432,7 +2629,7 @@ class TestDaemonLifecycle(DaemonTestCase):
         self.start_daemon()
         self.wait_ready_pid("survivor")
         self.assertTrue(any(n.startswith("state.json.corrupt-") for n in os.listdir(self.home_dir)))
-        self.assertIn("unreadable", open(self.home.daemon_log).read())
+        self.assertIn("unreadable", read_text(self.home.daemon_log))
 
     def test_big_daemon_log_is_rotated_at_start(self):
         self.stop_daemon()
@@ -2452,7 +2649,7 @@ class TestDaemonLifecycle(DaemonTestCase):
         pid = oxmgr.request(self.home, "ping")["pid"]
         os.replace(self.home.daemon_log, self.home.daemon_log + ".old")
         os.kill(pid, signal.SIGHUP)
-        self.wait(lambda: os.path.exists(self.home.daemon_log) and "log reopened" in open(self.home.daemon_log).read(),
+        self.wait(lambda: os.path.exists(self.home.daemon_log) and "log reopened" in read_text(self.home.daemon_log),
                   "new daemon.log")
         self.cli_ok("daemon", "stop")
 
@@ -2514,7 +2711,7 @@ class TestIpcSecurity(DaemonTestCase):
         reply = json.loads(result.stdout.strip().splitlines()[0])
         self.assertFalse(reply["ok"])
         self.assertIn("permission denied", reply["error"]["message"])
-        self.assertIn("refused a connection from uid 65534", open(self.home.daemon_log).read())
+        self.assertIn("refused a connection from uid 65534", read_text(self.home.daemon_log))
 
 
 @POSIX_ONLY
@@ -3513,6 +3710,69 @@ class TestBootServices(HomeTestCase):
 
 
 @POSIX_ONLY
+class TestLauncher(HomeTestCase):
+    """`oxmgr.py install` writes a launcher that runs the file from cached bytecode."""
+
+    def setUp(self):
+        super().setUp()
+        self.source = os.path.join(self.tmp, "src", "oxmgr.py")
+        os.makedirs(os.path.dirname(self.source))
+        with open(os.path.join(HERE, "oxmgr.py"), "rb") as f, open(self.source, "wb") as out:
+            out.write(f.read())
+        self.prefix = os.path.join(self.tmp, "prefix", "bin")
+        self.launcher = os.path.join(self.prefix, "oxmgr")
+        self.cache = os.path.join(self.tmp, "prefix", "lib", "oxmgr", f"oxmgr.{sys.implementation.cache_tag}.pyc")
+        self.addCleanup(self.stop_daemon)
+
+    def run_cmd(self, argv, code=0):
+        result = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                                timeout=LONG_TIMEOUT)
+        self.assertEqual(result.returncode, code, f"{argv}: {result.stdout}{result.stderr}")
+        return result.stdout + result.stderr
+
+    def stop_daemon(self):  # a no-op unless a test failed before its own `daemon stop`
+        subprocess.run([sys.executable, "-S", self.source, "daemon", "stop"], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=LONG_TIMEOUT)
+
+    def test_install_runs_from_bytecode_refreshes_it_and_uninstall_removes_it(self):
+        out = self.run_cmd([sys.executable, "-S", self.source, "install", "--prefix", self.prefix])
+        self.assertIn(f"installed {self.launcher}", out)
+        self.assertIn(f"add {self.prefix} to PATH", out)
+        self.assertEqual(stat.S_IMODE(os.stat(self.launcher).st_mode), 0o755)
+        with open(self.launcher) as f:
+            self.assertEqual(f.readline(), f"#!{sys.executable} -S\n")
+        cached = os.stat(self.cache).st_mtime_ns
+        self.assertIn(f"oxmgr {oxmgr.__version__}", self.run_cmd([self.launcher, "--version"]))
+        self.assertEqual(os.stat(self.cache).st_mtime_ns, cached)  # served from the cache, not recompiled
+
+        with open(self.source, "a") as f:  # an edited file is picked up on the next call
+            f.write('\n__version__ = "9.9.9-edited"\n')
+        self.assertIn("oxmgr 9.9.9-edited", self.run_cmd([self.launcher, "--version"]))
+        self.assertNotEqual(os.stat(self.cache).st_mtime_ns, cached)
+
+        self.assertIn("no apps yet", self.run_cmd([self.launcher, "list"]))  # starts the daemon
+        pid = json.loads(self.run_cmd([self.launcher, "daemon", "status", "--json"]))["pid"]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        self.assertEqual(argv[:3], [sys.executable.encode(), b"-E", b"-S"])
+        self.run_cmd([self.launcher, "daemon", "stop"])
+
+        out = self.run_cmd([sys.executable, "-S", self.source, "uninstall", "--prefix", self.prefix])
+        self.assertIn(f"removed {self.launcher}, {self.cache}", out)
+        self.assertFalse(os.path.exists(self.launcher))
+        self.assertFalse(os.path.exists(os.path.dirname(self.cache)))
+        self.assertIn("nothing to remove", self.run_cmd([sys.executable, "-S", self.source, "uninstall",
+                                                         "--prefix", self.prefix]))
+
+    def test_uninstall_leaves_a_file_it_did_not_write(self):
+        os.makedirs(self.prefix)
+        with open(self.launcher, "w") as f:
+            f.write("#!/bin/sh\necho somebody else's oxmgr\n")
+        out = self.run_cmd([sys.executable, "-S", self.source, "uninstall", "--prefix", self.prefix], code=1)
+        self.assertIn(f"{self.launcher} was not written by oxmgr install", out)
+        self.assertTrue(os.path.exists(self.launcher))
+
+
 class TestExamples(HomeTestCase):
 
     def test_cli_walkthrough_runs_clean(self):
