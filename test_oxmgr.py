@@ -2396,6 +2396,41 @@ class TestEndToEnd(DaemonTestCase):
         self.assertEqual(len(set(pids.values())), 3)
         self.assertEqual({self.info(n)["status"] for n in pids}, {"running"})
 
+    def test_apply_twice_changes_nothing_then_replaces_only_the_edited_app_and_prunes(self):
+        path = os.path.join(self.tmp, "oxfile.toml")
+        command = oxmgr._toml_string(python_child(READY_THEN_SLEEP))
+
+        def write(apps):
+            with open(path, "w") as f:
+                for name, label in apps:
+                    f.write(f"[[apps]]\nname = '{name}'\ncommand = {command}\n[apps.env]\nLABEL = '{label}'\n")
+
+        def pids():
+            return {p["name"]: p["pid"] for p in json.loads(self.cli_ok("list", "--json"))}
+
+        write([("a", "1"), ("b", "1"), ("c", "1")])
+        self.assertIn("apply: 3 created", self.cli_ok("apply", path))
+        first = {name: self.wait_ready_pid(name) for name in "abc"}
+        out = self.cli_ok("apply", path)
+        self.assertIn("apply: 3 unchanged", out)
+        self.assertEqual(pids(), first)
+
+        write([("a", "1"), ("b", "2"), ("c", "1")])
+        out = self.cli_ok("apply", path)
+        self.assertIn("replaced  b", out)
+        self.assertIn("apply: 1 replaced, 2 unchanged", out)
+        now = pids()
+        self.assertEqual((now["a"], now["c"]), (first["a"], first["c"]))
+        self.assertNotEqual(now["b"], first["b"])
+
+        write([("a", "1"), ("b", "2")])
+        self.assertIn("apply: 2 unchanged", self.cli_ok("apply", path))  # without --prune c stays
+        self.assertIn("c", pids())
+        out = self.cli_ok("apply", path, "--prune")
+        self.assertIn("deleted   c", out)
+        self.assertEqual(set(pids()), {"a", "b"})
+        self.wait(lambda: not oxmgr.pid_alive(first["c"]), "c's process to be gone")
+
     def test_interpreter_from_extension(self):
         script = os.path.join(self.tmp, "worker.py")
         with open(script, "w") as f:

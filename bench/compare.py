@@ -2,7 +2,7 @@
 
     python3 -S bench/compare.py [--quick] [--pm2 PM2] [--supervisor-bin DIR] [--apps 100] [--samples 15]
                                 [--lines 10000000] [--log-runs 5] [--only oxmgr,pm2,supervisord]
-                                [--figures boot,apps,node,logs]
+                                [--figures boot,apps,node,logs] [--settle 2]
 
 Get the other managers outside the repository (nothing here installs them):
 
@@ -471,17 +471,17 @@ def measure_apps(managers, args, results):
     for m in managers:
         apps = apps_of[m.name]
         m.boot()
-        time.sleep(2)
+        time.sleep(args.settle)
         results[m.name]["rss_rest"] = rss_mib(m.daemon_pid())
         t0 = time.perf_counter()
         for i, (name, kind, port) in enumerate(apps):
             m.start_one(name, kind, port)
             if i == 24:
-                time.sleep(2)
+                time.sleep(args.settle)
                 results[m.name]["rss_25"] = rss_mib(m.daemon_pid())
-                t0 += 2
+                t0 += args.settle
         results[m.name]["start_each"] = time.perf_counter() - t0
-        time.sleep(3)
+        time.sleep(args.settle + 1)
         results[m.name]["rss_n"] = rss_mib(m.daemon_pid())
         m.shutdown()
         kill_marked_apps(m)
@@ -694,9 +694,10 @@ def main():
     ap.add_argument("--log-runs", type=int, default=5, help="chatty-app runs per manager (median reported)")
     ap.add_argument("--only", default="oxmgr,pm2,supervisord")
     ap.add_argument("--figures", default="boot,apps,node,logs", help="groups to measure (default: all)")
+    ap.add_argument("--settle", type=float, default=2.0, help="seconds a daemon settles before its RSS is read")
     args = ap.parse_args()
     if args.quick:
-        args.apps, args.samples, args.log_runs = 25, 5, 3
+        args.apps, args.samples, args.lines, args.log_runs, args.settle = 25, 5, 4_000_000, 3, 1.0
     root = tempfile.mkdtemp(prefix="oxcompare")
     fixtures = {}
     for kind, text in (("py", PY_FIXTURE), ("node", NODE_FIXTURE), ("spew", SPEW_FIXTURE)):
