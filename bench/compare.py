@@ -712,7 +712,9 @@ def main():
         managers.append(Supervisord(root, fixtures, args.supervisor_bin))
     versions = [f"Python {sys.version.split()[0]} ({PY} -S)"]
     if any(m.name == "pm2" for m in managers):
-        versions.append("pm2 " + run([args.pm2, "--version"], dict(os.environ, PM2_HOME=root)).stdout.strip()
+        # `pm2 --version` starts a God daemon: give it the run's marker so the clean-up kills it
+        env = dict(os.environ, PM2_HOME=os.path.join(root, "pm2-version"), **{MARK: RUN_ID})
+        versions.append("pm2 " + run([args.pm2, "--version"], env).stdout.strip()
                         .splitlines()[-1] + ", node " + run(["node", "--version"], os.environ).stdout.strip())
     if any(m.name == "supervisord" for m in managers):
         versions.append("supervisord " + run([os.path.join(args.supervisor_bin, "supervisord"), "--version"],
