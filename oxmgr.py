@@ -16,15 +16,15 @@ Python 3.8 or newer. Linux is the tested platform; macOS uses the same POSIX
 code. Windows support is not there yet: the platform section says where it
 goes.
 
-The daemon runs on a small coroutine runtime over ``selectors`` (section 12)
-instead of asyncio: importing asyncio alone costs ~39 ms and ~7 MiB here,
+The daemon runs on a small coroutine runtime over epoll (``selectors`` where
+there is none; section 12) instead of asyncio: importing asyncio alone costs ~39 ms and ~7 MiB here,
 which is more than the whole daemon's budget for boot time and memory.
 
 Sections (``grep -n '^# [0-9]\\+\\. ' oxmgr.py``):
      1. Header
      2. Constants and defaults
      3. Errors
-     4. Small utilities
+     4. Small utilities (and the JSON codec)
      5. Platform layer
      6. Metrics
      7. Config model
@@ -32,7 +32,7 @@ Sections (``grep -n '^# [0-9]\\+\\. ' oxmgr.py``):
      9. State store and paths
     10. Logs
     11. IPC protocol
-    12. Event loop (the only place that knows about selectors)
+    12. Event loop (the only place that knows about epoll and selectors)
     13. Supervisor core (async)
     14. Daemon (async)
     15. Client (sync)
@@ -501,6 +501,97 @@ def _paint(text, code, enabled):
 def env_flag(name):
     """Return True when an environment variable is set to a true-looking value."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+# The json module imports re and, through it, enum: ~9 ms on every CLI call and
+# at every daemon start. CPython's C accelerator (_json) needs neither, so the
+# protocol, state.json and --json output use it directly, and fall back to json
+# where it is missing.
+_json_codec = []
+
+
+class _ScanContext:
+    """The attributes _json.make_scanner reads from a decoder (json.JSONDecoder's defaults)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod({"NaN": float("nan"), "Infinity": float("inf"),
+                                   "-Infinity": float("-inf")}.__getitem__)
+
+
+def _codec():
+    """Return [scanner, encoder, key-sorting encoder, ASCII string quoter] from _json, or Nones."""
+    if not _json_codec:
+        try:
+            import _json
+
+            def fail(obj):
+                raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
+
+            def encoder(sort_keys):
+                # (markers, default, encoder, indent, key_sep, item_sep, sort_keys, skipkeys, allow_nan)
+                return _json.make_encoder(None, fail, _json.encode_basestring, None, ":", ",", sort_keys, False, True)
+            enc = encoder(False)
+            enc({"probe": [1, 2.5, None, True, "é"]}, 0)
+            _json_codec.extend((_json.make_scanner(_ScanContext()), enc, encoder(True),
+                                _json.encode_basestring_ascii))
+        except (ImportError, AttributeError, TypeError):  # pragma: no cover  (not CPython)
+            _json_codec.extend((None, None, None, None))
+    return _json_codec
+
+
+def json_loads(text):
+    """json.loads for a str, without importing json."""
+    scan = _codec()[0]
+    if scan is None:  # pragma: no cover
+        import json
+        return json.loads(text)
+    start = len(text) - len(text.lstrip())
+    try:
+        value, end = scan(text, start)
+    except (StopIteration, SystemError):
+        # Malformed. The C scanner reports errors through json.decoder, which it
+        # expects imported (SystemError otherwise): let json say what is wrong.
+        import json
+        return json.loads(text)
+    if text[end:].strip():
+        raise ValueError(f"extra data at character {end}")
+    return value
+
+
+def json_dumps(value, sort_keys=False):
+    """json.dumps(value, separators=(",", ":"), ensure_ascii=False), without importing json."""
+    enc = _codec()[2 if sort_keys else 1]
+    if enc is None:  # pragma: no cover
+        import json
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys)
+    return "".join(enc(value, 0))
+
+
+def json_pretty(value, indent=""):
+    """json.dumps(value, indent=2) without importing json: for --json output."""
+    inner = indent + "  "
+    if isinstance(value, dict) and value:
+        items = (f"{inner}{_json_string(k if isinstance(k, str) else json_dumps(k))}: {json_pretty(v, inner)}"
+                 for k, v in value.items())
+        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
+    if isinstance(value, (list, tuple)) and value:
+        return "[\n" + ",\n".join(inner + json_pretty(v, inner) for v in value) + "\n" + indent + "]"
+    if isinstance(value, str):
+        return _json_string(value)
+    return json_dumps(value)
+
+
+def _json_string(text):
+    """A JSON string literal with non-ASCII escaped, as json.dumps writes it."""
+    quote = _codec()[3]
+    if quote is None:  # pragma: no cover
+        import json
+        return json.dumps(text)
+    return quote(text)
+
 
 # =============================================================================
 # 5. Platform layer: every POSIX/Windows difference lives here, nowhere else
@@ -1611,10 +1702,9 @@ class AppSpec:
         change what each instance runs.
         """
         if self._fingerprint is None:
-            import json
             data = self.to_dict()
             data.pop("instances")
-            object.__setattr__(self, "_fingerprint", json.dumps(data, sort_keys=True, separators=(",", ":")))
+            object.__setattr__(self, "_fingerprint", json_dumps(data, sort_keys=True))
         return self._fingerprint
 
     def __eq__(self, other):
@@ -3656,92 +3746,6 @@ def tail_log(path, n):
 # =============================================================================
 
 
-# The json module imports re and, through it, enum: ~9 ms on every CLI call and
-# at every daemon start. CPython's C accelerator (_json) needs neither, so the
-# protocol uses it directly and falls back to json where it is missing.
-_json_codec = []
-
-
-class _ScanContext:
-    """The attributes _json.make_scanner reads from a decoder (json.JSONDecoder's defaults)."""
-
-    strict = True
-    object_hook = None
-    object_pairs_hook = None
-    parse_float = float
-    parse_int = int
-    parse_constant = staticmethod({"NaN": float("nan"), "Infinity": float("inf"),
-                                   "-Infinity": float("-inf")}.__getitem__)
-
-
-def _codec():
-    if not _json_codec:
-        try:
-            import _json
-            scan = _json.make_scanner(_ScanContext())
-
-            def fail(obj):
-                raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
-            # (markers, default, encoder, indent, key_sep, item_sep, sort_keys, skipkeys, allow_nan)
-            enc = _json.make_encoder(None, fail, _json.encode_basestring, None, ":", ",", False, False, True)
-            enc({"probe": [1, 2.5, None, True, "é"]}, 0)
-            _json_codec.extend((scan, enc))
-        except (ImportError, AttributeError, TypeError):  # pragma: no cover  (not CPython)
-            _json_codec.extend((None, None))
-    return _json_codec
-
-
-def json_loads(text):
-    """json.loads for a str, without importing json."""
-    scan = _codec()[0]
-    if scan is None:  # pragma: no cover
-        import json
-        return json.loads(text)
-    start = len(text) - len(text.lstrip())
-    try:
-        value, end = scan(text, start)
-    except (StopIteration, SystemError):
-        # Malformed. The C scanner reports errors through json.decoder, which it
-        # expects imported (SystemError otherwise): let json say what is wrong.
-        import json
-        return json.loads(text)
-    if text[end:].strip():
-        raise ValueError(f"extra data at character {end}")
-    return value
-
-
-def json_dumps(value):
-    """json.dumps(value, separators=(",", ":"), ensure_ascii=False), without importing json."""
-    enc = _codec()[1]
-    if enc is None:  # pragma: no cover
-        import json
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-    return "".join(enc(value, 0))
-
-
-def json_pretty(value, indent=""):
-    """json.dumps(value, indent=2) without importing json (which brings re): for --json output."""
-    inner = indent + "  "
-    if isinstance(value, dict) and value:
-        items = (f"{inner}{json_ascii(str(k))}: {json_pretty(v, inner)}" for k, v in value.items())
-        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
-    if isinstance(value, (list, tuple)) and value:
-        return "[\n" + ",\n".join(inner + json_pretty(v, inner) for v in value) + "\n" + indent + "]"
-    if isinstance(value, str):
-        return json_ascii(value)
-    return json_dumps(value)
-
-
-def json_ascii(text):
-    """A JSON string literal with non-ASCII escaped, as json.dumps writes it."""
-    try:
-        from _json import encode_basestring_ascii
-    except ImportError:  # pragma: no cover  (not CPython)
-        import json
-        return json.dumps(text)
-    return encode_basestring_ascii(text)
-
-
 def encode(msg):
     """Return one protocol frame: a JSON object and a newline."""
     return json_dumps(msg).encode() + b"\n"
@@ -3780,7 +3784,7 @@ def error_from_wire(reply):
 
 
 # =============================================================================
-# 12. Event loop: a small coroutine runtime over selectors
+# 12. Event loop: a small coroutine runtime over epoll (selectors elsewhere)
 # =============================================================================
 #
 # Just what the daemon needs: futures, tasks, timers, fd readiness and signal
@@ -5264,12 +5268,18 @@ class ManagedProcess:
                 check_program(argv[0], spec.cwd, child_environment(spec, self.rec.base_env, self.rec.id))
         except (SpawnError, ValueError) as exc:
             error = exc if isinstance(exc, SpawnError) else SpawnError(str(exc), EXIT_NOT_FOUND)
-            if self.rec.status not in ALIVE_STATUSES:
-                self.rec.last_exit_code, self.rec.last_signal = error.code, None
-                if self.rec.status != Status.STARTING:
-                    self._set_status(Status.STARTING)
-                self._set_status(Status.ERRORED, str(error))  # STARTING -> ERRORED
-            raise SpawnError(f"cannot start {self.name!r}: {error}", error.code) from None
+            if self.rec.status in ALIVE_STATUSES:
+                raise SpawnError(f"cannot start {self.name!r}: {error}", error.code) from None
+            if self.rec.status != Status.STARTING:
+                # STOPPED/CRASHED/ERRORED -> STARTING
+                self._set_status(Status.STARTING)
+            raise self._start_failed(error) from None
+
+    def _start_failed(self, error):
+        """STARTING -> ERRORED with the reason; return the SpawnError the start raises."""
+        self.rec.last_exit_code, self.rec.last_signal = error.code, None
+        self._set_status(Status.ERRORED, str(error))
+        return SpawnError(f"cannot start {self.name!r}: {error}", error.code)
 
     def mark_starting(self):
         """Show the app as starting at once; launch() spawns it a moment later.
@@ -5304,10 +5314,7 @@ class ManagedProcess:
         try:
             self._spawn()
         except SpawnError as exc:
-            self.rec.last_exit_code, self.rec.last_signal = exc.code, None
-            # STARTING -> ERRORED
-            self._set_status(Status.ERRORED, str(exc))
-            raise SpawnError(f"cannot start {self.name!r}: {exc}", exc.code) from None
+            raise self._start_failed(exc) from None
         if self.needs_ready():
             try:
                 await self._become_ready()
@@ -7334,15 +7341,19 @@ def _pyc_is_fresh(src, cfile):
 def _daemon_bytecode(home):
     """Cache this file's bytecode for the daemon; return the .pyc path (or None).
 
-    Compiling 4,000 lines costs the daemon ~50 ms and leaves ~8 MiB of
+    Compiling this file costs the daemon ~100 ms and leaves ~8 MiB of
     compiler garbage in its RSS for good, so the short-lived CLI compiles
     instead: into __pycache__, or into $OXMGR_HOME/pycache when bytecode
     writing is turned off (PYTHONDONTWRITEBYTECODE) or the directory is read-only.
+    Run by the `oxmgr` launcher, the launcher's own cache serves.
     """
     import importlib.util
     src = os.path.abspath(__file__)
     if not src.endswith(".py"):
         return None  # pragma: no cover
+    ours = globals().get("__cached__")  # the launcher's cache (or __pycache__ when imported)
+    if ours and _pyc_is_fresh(src, ours):
+        return ours
     standard = importlib.util.cache_from_source(src) if sys.pycache_prefix is None else None
     private = os.path.join(home.root, "pycache", os.path.basename(src)[:-3] + f".{sys.implementation.cache_tag}.pyc")
     candidates = [private, standard] if sys.dont_write_bytecode else [standard, private]
@@ -7351,7 +7362,9 @@ def _daemon_bytecode(home):
             return cfile
         import py_compile
         try:
-            py_compile.compile(src, cfile=cfile, doraise=True)
+            # TIMESTAMP: what _pyc_is_fresh checks (SOURCE_DATE_EPOCH would pick hashes)
+            py_compile.compile(src, cfile=cfile, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
         except (OSError, py_compile.PyCompileError):
             continue
         return cfile
@@ -7556,8 +7569,9 @@ class ServiceDefinition:
 
 
 # The `oxmgr` command that `oxmgr.py install` writes. It runs this file from
-# bytecode cached at install time, so a CLI call does not recompile 8,000
-# lines (~50 ms); when the file changes, the first call rewrites the cache.
+# bytecode cached at install time, so a CLI call does not recompile it (~100
+# ms); when the file changes, the first call rewrites the cache. The daemon it
+# starts loads the same cache (__cached__, see _daemon_bytecode).
 _LAUNCHER = """#!{python} -S
 # oxmgr launcher, written by `python3 {source} install`; `oxmgr uninstall` removes it.
 # It runs {source} from cached bytecode instead of compiling it on every call.
@@ -7589,7 +7603,7 @@ def load():
 
 
 module = type(sys)("oxmgr")
-module.__file__ = SOURCE
+module.__file__, module.__cached__ = SOURCE, CACHE
 sys.modules["oxmgr"] = module
 exec(load(), module.__dict__)
 sys.exit(module.main())

@@ -3790,6 +3790,7 @@ class TestLauncher(HomeTestCase):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
         self.assertEqual(argv[:3], [sys.executable.encode(), b"-E", b"-S"])
+        self.assertIn(self.cache.encode(), argv[4])  # the launcher's bytecode, not a second compile
         self.run_cmd([self.launcher, "daemon", "stop"])
 
         out = self.run_cmd([sys.executable, "-S", self.source, "uninstall", "--prefix", self.prefix])

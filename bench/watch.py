@@ -51,6 +51,29 @@ def run(argv, env):
     return subprocess.run(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
 
 
+def measure(pid, tree, idle, delay, changes, first, app_state):
+    """Idle CPU and RSS of the daemon, then touch `changes` files (numbered from `first`) and
+    time each until app_state() = (restart count, running) shows the restart, minus the debounce."""
+    time.sleep(1)
+    c0 = cpu_seconds(pid)
+    time.sleep(idle)
+    idle_cpu = cpu_seconds(pid) - c0
+    latencies = []
+    for i in range(changes):
+        before = app_state()[0]
+        target = os.path.join(tree, "pkg0", "mod0", f"file{first + i}.js")
+        t0 = time.perf_counter()
+        with open(target, "a") as f:
+            f.write("// change\n")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            count, running = app_state()
+            if count > before and running:
+                break
+        latencies.append(time.perf_counter() - t0 - delay)
+    return {"idle_cpu_s": idle_cpu, "rss_mib": rss_mib(pid), "latency_s": latencies}
+
+
 def bench_oxmgr(tree, idle, delay, changes):
     home = tempfile.mkdtemp(prefix="oxw")
     env = dict(os.environ, OXMGR_HOME=home)
@@ -63,23 +86,11 @@ def bench_oxmgr(tree, idle, delay, changes):
                       "--watch-delay", str(delay)], env)
         setup = time.perf_counter() - t0
         assert r.returncode == 0, r.stderr
-        time.sleep(1)
-        c0 = cpu_seconds(pid)
-        time.sleep(idle)
-        idle_cpu = cpu_seconds(pid) - c0
-        latencies = []
-        for i in range(changes):
-            before = json.loads(run(ox + ["status", "w", "--json"], env).stdout)["restart_count"]
-            target = os.path.join(tree, "pkg0", "mod0", f"file{i}.js")
-            t0 = time.perf_counter()
-            with open(target, "a") as f:
-                f.write("// change\n")
-            while True:
-                info = json.loads(run(ox + ["status", "w", "--json"], env).stdout)
-                if info["restart_count"] > before and info["status"] == "running":
-                    break
-            latencies.append(time.perf_counter() - t0 - delay)
-        return {"setup_s": setup, "idle_cpu_s": idle_cpu, "rss_mib": rss_mib(pid), "latency_s": latencies}
+
+        def app_state():
+            info = json.loads(run(ox + ["status", "w", "--json"], env).stdout)
+            return info["restart_count"], info["status"] == "running"
+        return dict(measure(pid, tree, idle, delay, changes, 0, app_state), setup_s=setup)
     finally:
         run(ox + ["daemon", "stop"], env)
         shutil.rmtree(home, ignore_errors=True)
@@ -98,24 +109,10 @@ def bench_pm2(pm2, tree, idle, delay, changes):
                  "--watch-delay", str(delay), "--", "1000000"], env)
         setup = time.perf_counter() - t0
         assert r.returncode == 0, r.stderr
-        time.sleep(1)
-        c0 = cpu_seconds(pid)
-        time.sleep(idle)
-        idle_cpu = cpu_seconds(pid) - c0
-        latencies = []
-        for i in range(changes):
-            def restarts():
-                return json.loads(run([pm2, "jlist"], env).stdout)[0]["pm2_env"]["restart_time"]
-            before = restarts()
-            target = os.path.join(tree, "pkg0", "mod0", f"file{i + 100}.js")
-            t0 = time.perf_counter()
-            with open(target, "a") as f:
-                f.write("// change\n")
-            deadline = time.monotonic() + 30
-            while restarts() == before and time.monotonic() < deadline:
-                pass
-            latencies.append(time.perf_counter() - t0 - delay)
-        return {"setup_s": setup, "idle_cpu_s": idle_cpu, "rss_mib": rss_mib(pid), "latency_s": latencies}
+
+        def app_state():
+            return json.loads(run([pm2, "jlist"], env).stdout)[0]["pm2_env"]["restart_time"], True
+        return dict(measure(pid, tree, idle, delay, changes, 100, app_state), setup_s=setup)
     finally:
         run([pm2, "kill"], env)
         shutil.rmtree(home, ignore_errors=True)
