@@ -13,32 +13,35 @@ Usage:
     python3 oxmgr.py --help
 
 Python 3.8 or newer. Linux is the tested platform; macOS uses the same POSIX
-code. Windows support is not there yet: the platform section says where it
-goes.
+code. Every difference between platforms lives in one driver (section 6):
+the Windows driver has the same methods, and says where Windows is not
+supported yet.
 
-The daemon runs on a small coroutine runtime over epoll (``selectors`` where
-there is none; section 12) instead of asyncio: importing asyncio alone costs ~39 ms and ~7 MiB here,
-which is more than the whole daemon's budget for boot time and memory.
+The daemon and `runtime` run on asyncio, imported lean (ssl blocked while it
+loads); the CLI never imports it. Each app is a pure state machine (section
+11) that decides, and an async runtime (section 12) that carries the
+decisions out.
 
 Sections (``grep -n '^# [0-9]\\+\\. ' oxmgr.py``):
      1. Header
      2. Constants and defaults
      3. Errors
-     4. Small utilities (and the JSON codec)
-     5. Platform layer
-     6. Metrics
+     4. Small utilities
+     5. Process table: parsers and CPU/memory sampling (pure)
+     6. Platform drivers: every POSIX/Windows difference
      7. Config model
      8. Config files: oxfile.toml and PM2 ecosystem files
-     9. State store and paths
-    10. Logs
-    11. IPC protocol
-    12. Event loop (the only place that knows about epoll and selectors)
-    13. Supervisor core (async)
-    14. Daemon (async)
-    15. Client (sync)
-    16. Boot services: systemd, launchd, Task Scheduler
-    17. CLI
-    18. Entry point
+     9. State store, logs and the line framer
+    10. IPC protocol
+    11. App state machine (pure: decisions, no I/O)
+    12. App runtime (async): one run of one child, the app, its rules
+    13. Engine: every app, persistence, metrics, events
+    14. Daemon: requests, the control server, recovery, shutdown
+    15. Foreground runtime: PID 1 for containers
+    16. Client (sync)
+    17. Boot services and the launcher
+    18. CLI
+    19. Entry point
 """
 
 # =============================================================================
@@ -47,17 +50,21 @@ Sections (``grep -n '^# [0-9]\\+\\. ' oxmgr.py``):
 
 from __future__ import annotations
 
-import _signal as signal  # signal.py wraps these in enums: importing enum costs ~5 ms per CLI call
+import collections
 import errno
+import json
 import os
+import shlex
+import signal
+import socket
 import sys
 import time
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     "main", "run_daemon", "__version__", "AppSpec", "OxmgrError", "ConfigError", "UsageError",
     "ProcessNotFound", "DuplicateProcess", "DaemonNotRunning", "DaemonAlreadyRunning",
-    "IpcError", "SpawnError", "StateError",
+    "IpcError", "SpawnError", "StateError", "load_config",
 ]
 
 # =============================================================================
@@ -112,7 +119,11 @@ CPU_LIMIT_SAMPLES = 3                # max_cpu_percent: samples in a row over th
 ENV_METRICS_INTERVAL = "OXMGR_METRICS_INTERVAL"
 WATCH_IGNORED_NAMES = frozenset({".git", ".hg", ".svn", "node_modules", "__pycache__", ".venv", ".tox"})
 READ_CHUNK = 1 << 16
-CHATTY_PIPE_BYTES = 1 << 20      # an app that fills its 64 KiB pipe gets this much (pipe-max-size)
+CHATTY_PIPE_BYTES = 1 << 20          # an app that fills its 64 KiB pipe gets this much (pipe-max-size)
+CHATTY_READS = 8                     # full-pipe reads before the pipe is grown
+MAX_LINE_BYTES = 1 << 16             # a line longer than this is passed on in pieces
+DRAIN_GRACE_S = 0.05                 # after an exit, how long output may still arrive (a grandchild holds the pipe)
+KILL_WAIT_S = 10.0                   # after SIGKILL, how long before a process counts as stuck in the kernel
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -200,7 +211,6 @@ class StateError(OxmgrError):
 _ERROR_TYPES = {cls.__name__: cls for cls in (
     OxmgrError, UsageError, ConfigError, DuplicateProcess, DaemonNotRunning,
     DaemonAlreadyRunning, IpcError, SpawnError, StateError)}
-
 # =============================================================================
 # 4. Small utilities
 # =============================================================================
@@ -290,18 +300,12 @@ def parse_signal(value):
     raise ValueError(f"unknown signal {value!r}; use a name like SIGTERM or SIGINT")
 
 
-_SIGNAL_NAMES = {}
-_SIGNAL_ALIASES = frozenset({"SIGIOT", "SIGCLD", "SIGPOLL"})  # signal.Signals names these SIGABRT, SIGCHLD, SIGIO
-
-
 def signal_name(signum):
     """Return "SIGTERM" for 15; "signal 40" when the number has no name."""
-    if not _SIGNAL_NAMES:
-        for name in sorted(dir(signal), key=lambda n: n in _SIGNAL_ALIASES):
-            value = getattr(signal, name)
-            if name.startswith("SIG") and not name.startswith("SIG_") and isinstance(value, int):
-                _SIGNAL_NAMES.setdefault(value, name)
-    return _SIGNAL_NAMES.get(signum, f"signal {signum}")
+    try:
+        return signal.Signals(signum).name  # of aliases (SIGIOT, SIGCLD) the enum keeps the usual name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def decode_wait_status(status):
@@ -376,7 +380,10 @@ def _fsync_dir(path):
 
 
 def random_unit():
-    """Return a float in [0, 1) from os.urandom (the random module costs memory)."""
+    """Return a float in [0, 1) from os.urandom.
+
+    random imports hashlib, and with it OpenSSL: ~4 MiB of daemon RSS for a jitter.
+    """
     return int.from_bytes(os.urandom(7), "big") / float(1 << 56)
 
 
@@ -421,16 +428,10 @@ def needs_shell(command):
     return False
 
 
-def split_command(command):
-    """Return the argv for a command string: shlex rules, or sh -c for shell syntax."""
+def split_command(command, shell):
+    """Return the argv for a command string: shlex rules, or `shell` + [command] for shell syntax."""
     if needs_shell(command):
-        return ["/bin/sh", "-c", command]
-    if not any(c in command for c in "'\"\\"):
-        argv = command.split()  # what shlex.split gives without quotes or escapes (shlex imports re)
-        if not argv:
-            raise ValueError("empty command")
-        return argv
-    import shlex
+        return list(shell) + [command]
     try:
         argv = shlex.split(command)
     except ValueError as exc:
@@ -438,21 +439,6 @@ def split_command(command):
     if not argv:
         raise ValueError("empty command")
     return argv
-
-
-_SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789@%+=:,./-_")
-
-
-def shell_quote(arg):
-    """Quote one word for a POSIX shell, as shlex.quote does (without importing re)."""
-    if arg and all(c in _SAFE_CHARS for c in arg):
-        return arg
-    return "'" + arg.replace("'", "'\"'\"'") + "'"
-
-
-def quote_join(argv):
-    """Join argv into one command string that split_command() gives back."""
-    return " ".join(shell_quote(a) for a in argv)
 
 
 def _moment_to_strftime(fmt):
@@ -486,11 +472,11 @@ def format_timestamp(fmt, when=None):
     return time.strftime(fmt, time.localtime(when))
 
 
-def _colour_enabled_fd(fd):
+def _colour_on(stream):
     """Colour on a terminal, unless NO_COLOR is set (no-color.org)."""
     try:
-        return os.isatty(fd) and "NO_COLOR" not in os.environ
-    except OSError:
+        return stream.isatty() and "NO_COLOR" not in os.environ
+    except (AttributeError, ValueError, OSError):
         return False
 
 
@@ -502,462 +488,23 @@ def env_flag(name):
     """Return True when an environment variable is set to a true-looking value."""
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
-# The json module imports re and, through it, enum: ~9 ms on every CLI call and
-# at every daemon start. CPython's C accelerator (_json) needs neither, so the
-# protocol, state.json and --json output use it directly, and fall back to json
-# where it is missing.
-_json_codec = []
+
+def split_host_port(text):
+    """Split "host:port" or "[::1]:port" into (host, port); ValueError says the expected form."""
+    host, sep, port = str(text).strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"expected host:port like 127.0.0.1:3000, got {text!r}")
+    return host, int(port)
 
 
-class _ScanContext:
-    """The attributes _json.make_scanner reads from a decoder (json.JSONDecoder's defaults)."""
-
-    strict = True
-    object_hook = None
-    object_pairs_hook = None
-    parse_float = float
-    parse_int = int
-    parse_constant = staticmethod({"NaN": float("nan"), "Infinity": float("inf"),
-                                   "-Infinity": float("-inf")}.__getitem__)
-
-
-def _codec():
-    """Return [scanner, encoder, key-sorting encoder, ASCII string quoter] from _json, or Nones."""
-    if not _json_codec:
-        try:
-            import _json
-
-            def fail(obj):
-                raise TypeError(f"object of type {type(obj).__name__} is not JSON serializable")
-
-            def encoder(sort_keys):
-                # (markers, default, encoder, indent, key_sep, item_sep, sort_keys, skipkeys, allow_nan)
-                return _json.make_encoder(None, fail, _json.encode_basestring, None, ":", ",", sort_keys, False, True)
-            enc = encoder(False)
-            enc({"probe": [1, 2.5, None, True, "é"]}, 0)
-            _json_codec.extend((_json.make_scanner(_ScanContext()), enc, encoder(True),
-                                _json.encode_basestring_ascii))
-        except (ImportError, AttributeError, TypeError):  # pragma: no cover  (not CPython)
-            _json_codec.extend((None, None, None, None))
-    return _json_codec
-
-
-def json_loads(text):
-    """json.loads for a str, without importing json."""
-    scan = _codec()[0]
-    if scan is None:  # pragma: no cover
-        import json
-        return json.loads(text)
-    start = len(text) - len(text.lstrip())
-    try:
-        value, end = scan(text, start)
-    except (StopIteration, SystemError):
-        # Malformed. The C scanner reports errors through json.decoder, which it
-        # expects imported (SystemError otherwise): let json say what is wrong.
-        import json
-        return json.loads(text)
-    if text[end:].strip():
-        raise ValueError(f"extra data at character {end}")
-    return value
-
-
-def json_dumps(value, sort_keys=False):
-    """json.dumps(value, separators=(",", ":"), ensure_ascii=False), without importing json."""
-    enc = _codec()[2 if sort_keys else 1]
-    if enc is None:  # pragma: no cover
-        import json
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, sort_keys=sort_keys)
-    return "".join(enc(value, 0))
-
-
-def json_pretty(value, indent=""):
-    """json.dumps(value, indent=2) without importing json: for --json output."""
-    inner = indent + "  "
-    if isinstance(value, dict) and value:
-        items = (f"{inner}{_json_string(k if isinstance(k, str) else json_dumps(k))}: {json_pretty(v, inner)}"
-                 for k, v in value.items())
-        return "{\n" + ",\n".join(items) + "\n" + indent + "}"
-    if isinstance(value, (list, tuple)) and value:
-        return "[\n" + ",\n".join(inner + json_pretty(v, inner) for v in value) + "\n" + indent + "]"
-    if isinstance(value, str):
-        return _json_string(value)
-    return json_dumps(value)
-
-
-def _json_string(text):
-    """A JSON string literal with non-ASCII escaped, as json.dumps writes it."""
-    quote = _codec()[3]
-    if quote is None:  # pragma: no cover
-        import json
-        return json.dumps(text)
-    return quote(text)
-
+def to_json(value, sort_keys=False):
+    """Return compact JSON text, as every frame and state file is written (non-ASCII escaped)."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=sort_keys)
 
 # =============================================================================
-# 5. Platform layer: every POSIX/Windows difference lives here, nowhere else
+# 5. Process table: parsers and CPU/memory sampling (pure)
 # =============================================================================
-
-_WINDOWS = os.name == "nt"
-_LINUX = sys.platform.startswith("linux")
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
-def default_home():
-    """Return $OXMGR_HOME, else $XDG_DATA_HOME/oxmgr, else ~/.local/share/oxmgr."""
-    home = os.environ.get(ENV_HOME)
-    if home:
-        return os.path.abspath(os.path.expanduser(home))
-    if _WINDOWS:  # pragma: no cover
-        base = os.environ.get("LOCALAPPDATA") or os.path.expanduser("~")
-        return os.path.join(base, "oxmgr")
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "oxmgr")
-
-
-def pid_alive(pid):
-    """Return True when a process with this pid exists (zombies included)."""
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def signal_group(pgid, signum):
-    """Send a signal to a whole process group; False when the group is gone."""
-    if not pgid or pgid <= 1:
-        return False  # never signal our own group or init's by accident
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False
-    return True
-
-
-def group_alive(pgid):
-    """Return True while any member of the process group exists."""
-    return signal_group(pgid, 0)
-
-
-def signal_pid(pid, signum):
-    """Send a signal to one process; False when it is gone."""
-    try:
-        os.kill(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
-
-
-def close_fd(fd):
-    """Close a descriptor, ignoring one that is already closed."""
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
-def make_pipe():
-    """Return (read_fd, write_fd): read end non-blocking, both close-on-exec."""
-    if hasattr(os, "pipe2"):
-        r, w = os.pipe2(os.O_CLOEXEC)
-    else:  # pragma: no cover  (macOS)
-        r, w = os.pipe()
-        os.set_inheritable(r, False)
-        os.set_inheritable(w, False)
-    os.set_blocking(r, False)
-    return r, w
-
-
-def grow_pipe(fd, size=CHATTY_PIPE_BYTES):
-    """Give a pipe a larger kernel buffer (Linux); return True when it took.
-
-    Only for apps seen to fill their pipe: pipe pages count against the
-    user's pipe-user-pages-soft limit, past which every new pipe of that
-    user is cut to one page, so idle apps keep the default 64 KiB.
-    """
-    if not sys.platform.startswith("linux"):
-        return False  # pragma: no cover
-    import fcntl
-    try:
-        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)  # 1031: the constant before 3.10
-    except OSError:
-        return False
-    return True
-
-
-def _pass_listen_fds(fds, env):
-    """Return a preexec_fn that puts held sockets at fds 3, 4... (systemd's socket passing).
-
-    LISTEN_PID must be the child's own pid, known only after fork; so the
-    environment is set here, in the child, before exec.
-    """
-    import fcntl
-    first, count = 3, len(fds)
-
-    def child():
-        # Lift every socket above the target range first, so no dup2 overwrites another.
-        lifted = [fcntl.fcntl(fd, fcntl.F_DUPFD, first + count) for fd in fds]
-        for i, fd in enumerate(lifted):
-            os.dup2(fd, first + i)  # dup2 clears close-on-exec
-        os.environ.clear()
-        os.environ.update(env)
-        os.environ["LISTEN_PID"] = str(os.getpid())
-    return child
-
-
-def spawn_process(argv, cwd, env, stdout_fd, stderr_fd, listen_fds=()):
-    """Start argv in its own session and process group, stdin from /dev/null.
-
-    Returns the Popen object; its pid is the app's pid and its process group
-    id. listen_fds are passed as fds 3, 4... with LISTEN_FDS/LISTEN_PID set.
-    Raises SpawnError with 127 (not found) or 126 (not executable).
-    """
-    import subprocess
-    kwargs = {"start_new_session": True} if not _WINDOWS else {
-        "creationflags": 0x00000200}  # pragma: no cover  CREATE_NEW_PROCESS_GROUP
-    if listen_fds:
-        # The environment is installed by the preexec hook, so look the program up on the app's PATH here.
-        program = argv[0] if os.sep in argv[0] else (_which_in(argv[0], env.get("PATH")) or argv[0])
-        argv = [program] + list(argv[1:])
-        kwargs.update(preexec_fn=_pass_listen_fds(list(listen_fds), env),
-                      pass_fds=tuple(range(3, 3 + len(listen_fds))))
-        env = None
-    try:
-        return subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-                                stdout=stdout_fd, stderr=stderr_fd, close_fds=True, **kwargs)
-    except FileNotFoundError as exc:
-        if cwd and exc.filename == cwd:
-            raise SpawnError(f"cwd does not exist: {cwd!r}", EXIT_NOT_FOUND) from None
-        raise SpawnError(f"command not found: {argv[0]!r}", EXIT_NOT_FOUND) from None
-    except PermissionError:
-        raise SpawnError(f"permission denied: {argv[0]!r} is not executable", EXIT_NOT_EXECUTABLE) from None
-    except NotADirectoryError:
-        raise SpawnError(f"cwd is not a directory: {cwd!r}", EXIT_NOT_FOUND) from None
-    except OSError as exc:
-        raise SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE) from None
-
-
-def _which_in(program, path):
-    """Find an executable on a PATH string (shutil.which drags in bz2 and lzma)."""
-    for directory in (path if path is not None else os.defpath).split(os.pathsep):
-        candidate = os.path.join(directory or ".", program)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
-
-
-def check_program(program, cwd, env):
-    """Raise SpawnError now for what exec would refuse later: no such program, not executable, no cwd."""
-    if cwd and not os.path.isdir(cwd):
-        raise SpawnError(f"cwd {'is not a directory' if os.path.exists(cwd) else 'does not exist'}: {cwd!r}",
-                         EXIT_NOT_FOUND)
-    if os.sep in program:
-        path = program if os.path.isabs(program) else os.path.join(cwd or os.getcwd(), program)
-        if not os.path.exists(path):
-            raise SpawnError(f"command not found: {program!r}", EXIT_NOT_FOUND)
-    else:
-        path = _which_in(program, env.get("PATH", os.defpath))
-        if path is None:
-            raise SpawnError(f"command not found: {program!r}", EXIT_NOT_FOUND)
-    if os.path.isdir(path) or not os.access(path, os.X_OK):
-        raise SpawnError(f"permission denied: {program!r} is not executable", EXIT_NOT_EXECUTABLE)
-    return path
-
-
-def spawn_detached(argv, log_path, env=None):
-    """Start a background process in a new session, stdio to `log_path`."""
-    import subprocess
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_CLOEXEC, 0o600)
-    try:
-        if _WINDOWS:  # pragma: no cover
-            kwargs = {"creationflags": 0x00000008 | 0x00000200}  # DETACHED_PROCESS | NEW_GROUP
-        else:
-            kwargs = {"start_new_session": True}
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                                close_fds=True, env=env, **kwargs)
-    finally:
-        os.close(fd)
-
-
-def peer_uid(sock):
-    """Return the uid of the process at the other end of a Unix socket, or None."""
-    import _socket
-    import struct
-    if hasattr(_socket, "SO_PEERCRED"):
-        creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[1]
-    if sys.platform == "darwin":  # pragma: no cover
-        # LOCAL_PEERCRED (0x001 at level SOL_LOCAL 0) returns struct xucred.
-        creds = sock.getsockopt(0, 0x001, struct.calcsize("IIh16I"))
-        return struct.unpack("IIh16I", creds)[1]
-    return None  # pragma: no cover
-
-
-def lock_exclusive(fd):
-    """Take a non-blocking exclusive lock on an open file; False if held."""
-    import fcntl
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            return False
-        raise
-    return True
-
-
-def raise_fd_limit():
-    """Lift the soft open-files limit to the hard one: each app holds 4 fds."""
-    try:
-        import resource
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = hard if hard != resource.RLIM_INFINITY else 1 << 16
-        if soft != resource.RLIM_INFINITY and soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 1 << 20), hard))
-    except (ImportError, ValueError, OSError):  # pragma: no cover
-        pass
-
-
-def unix_socket_path(path):
-    """Return an address for AF_UNIX that fits the 108-byte sun_path limit.
-
-    Long homes are reached through /proc/self/fd/N of an open directory, which
-    works for bind and connect alike. The returned fd (or None) must be closed.
-    """
-    if len(os.fsencode(path)) < 100 or not _LINUX:
-        return path, None
-    dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | _O_CLOEXEC)
-    return f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}", dir_fd
-
-
-def clock_ticks():
-    """Return the kernel clock tick rate used by /proc times (usually 100)."""
-    try:
-        return os.sysconf("SC_CLK_TCK")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover  (Windows: centiseconds, as above)
-        return 100
-
-
-def page_size():
-    """Return the memory page size in bytes."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return 4096
-
-
-# inotify(7): the events that mean "something under a watched path changed".
-IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x002, 0x004, 0x008
-IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x040, 0x080, 0x100, 0x200
-IN_DELETE_SELF, IN_MOVE_SELF, IN_IGNORED, IN_Q_OVERFLOW, IN_ISDIR = 0x400, 0x800, 0x8000, 0x4000, 0x40000000
-IN_ONLYDIR = 0x01000000
-WATCH_MASK = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
-              | IN_DELETE_SELF | IN_MOVE_SELF)
-_libc = None
-
-
-def _load_libc():
-    global _libc
-    if _libc is None:
-        import ctypes
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.inotify_init1.argtypes = [ctypes.c_int]
-        _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-        _libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-    return _libc
-
-
-def inotify_open():
-    """Return a non-blocking inotify fd, or None where there is no inotify."""
-    if not _LINUX:
-        return None  # pragma: no cover
-    try:
-        libc = _load_libc()
-    except (ImportError, OSError, AttributeError):  # pragma: no cover
-        return None
-    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-    return fd if fd >= 0 else None
-
-
-def inotify_add(fd, path, mask=WATCH_MASK | IN_ONLYDIR):
-    """Watch a directory; return the watch descriptor or raise OSError."""
-    import ctypes
-    wd = _load_libc().inotify_add_watch(fd, os.fsencode(path), mask)
-    if wd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return wd
-
-
-def inotify_remove(fd, wd):
-    _load_libc().inotify_rm_watch(fd, wd)
-
-
-def _parse_inotify(data):
-    """Split a read() of an inotify fd into (wd, mask, cookie, name) tuples."""
-    import struct
-    events = []
-    offset = 0
-    while offset + 16 <= len(data):
-        wd, mask, cookie, length = struct.unpack_from("iIII", data, offset)
-        name = data[offset + 16:offset + 16 + length].split(b"\0", 1)[0]
-        events.append((wd, mask, cookie, os.fsdecode(name)))
-        offset += 16 + length
-    return events
-
-
-def sd_notify(message):
-    """Tell systemd (Type=notify) how we are doing; a no-op without NOTIFY_SOCKET."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address or _WINDOWS:
-        return False
-    import socket
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError:
-        return False
-    return True
-
-
-def make_subreaper():
-    """Adopt orphaned descendants, as PID 1 would (Linux prctl PR_SET_CHILD_SUBREAPER).
-
-    Returns True on success; elsewhere orphans go to init, which reaps them.
-    """
-    if not _LINUX:
-        return False  # pragma: no cover
-    try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
-    except (ImportError, OSError, AttributeError):  # pragma: no cover
-        return False
-
-
-def boot_time():
-    """Return the wall-clock boot time (Linux), for /proc start times."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            for line in f:
-                if line.startswith(b"btime "):
-                    return float(line.split()[1])
-    except OSError:  # pragma: no cover
-        pass
-    return None  # pragma: no cover
-
-
-# =============================================================================
-# 6. Metrics
-# =============================================================================
-
 
 class ProcStats:
     """One process as seen in the process table (times in clock ticks)."""
@@ -1042,6 +589,788 @@ def _stable_number(text):
     return n
 
 
+def tree_members(table, root_pid, sid=None):
+    """Return the pids of root_pid's tree: its descendants and its session.
+
+    Each app runs in its own session, so session members that were reparented
+    to init (a daemonizing grandchild) still count toward the app.
+    """
+    children = {}
+    for st in table.values():
+        children.setdefault(st.ppid, []).append(st.pid)
+    seen = set()
+    stack = [root_pid]
+    while stack:
+        pid = stack.pop()
+        if pid in seen or pid not in table:
+            continue
+        seen.add(pid)
+        stack.extend(children.get(pid, ()))
+    if sid:
+        seen.update(st.pid for st in table.values() if st.sid == sid)
+    return seen
+
+
+class TreeSampler:
+    """Turn successive process tables into CPU% and RSS per process tree."""
+
+    def __init__(self, ticks_per_s, clock=time.monotonic):
+        self._clock = clock
+        self._hz = ticks_per_s
+        self._last_at = None
+        self._last_ticks = {}   # pid -> (start_ticks, cpu_ticks) at the last sample
+
+    def sample(self, roots, table):
+        """Return {root_pid: (cpu_percent, rss_bytes)} for the given roots.
+
+        `roots` maps a root pid to its session id (or None); `table` is
+        {pid: ProcStats}, the driver's process_table().
+        """
+        now = self._clock()
+        elapsed = (now - self._last_at) if self._last_at is not None else None
+        result = {}
+        seen_ticks = {}
+        for root, sid in roots.items():
+            cpu_delta = 0
+            rss = 0
+            for pid in tree_members(table, root, sid):
+                st = table[pid]
+                seen_ticks[pid] = (st.start_ticks, st.cpu_ticks)
+                if st.state != "Z":
+                    rss += st.rss_bytes
+                prev = self._last_ticks.get(pid)
+                if prev is not None and prev[0] == st.start_ticks:
+                    cpu_delta += max(0, st.cpu_ticks - prev[1])
+                elif elapsed is not None:
+                    cpu_delta += st.cpu_ticks  # new since the last sample
+            cpu = None
+            if elapsed:
+                cpu = round(100.0 * cpu_delta / self._hz / elapsed, 1)
+            result[root] = (cpu, rss)
+        self._last_at = now
+        self._last_ticks = seen_ticks
+        return result
+
+# =============================================================================
+# 6. Platform drivers: every POSIX/Windows difference lives here, nowhere else
+# =============================================================================
+#
+# One class per platform, the same methods in each, chosen once at import
+# (CPython's subprocess.py and honcho's compat.py split the same way): no call
+# site asks which OS it runs on, and a test hands the engine a fake driver.
+# A process tree is named by its leader's pid: on POSIX that is its process
+# group (every app gets its own session); on Windows, its job object.
+
+_WINDOWS = os.name == "nt"
+_LINUX = sys.platform.startswith("linux")
+_DARWIN = sys.platform == "darwin"
+if _WINDOWS:  # pragma: no cover
+    import msvcrt
+else:
+    import fcntl
+    import resource
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class Child:
+    """A spawned app process and the read ends of its stdout and stderr pipes."""
+
+    __slots__ = ("pid", "stdout", "stderr", "popen", "start_ticks")
+
+    def __init__(self, pid, stdout, stderr, popen=None, start_ticks=None):
+        self.pid = pid
+        self.stdout = stdout          # binary file objects: the pipes' read ends
+        self.stderr = stderr
+        self.popen = popen
+        self.start_ticks = start_ticks  # with the pid, proves identity after a daemon restart
+
+    def reaped(self, returncode):
+        """Tell Popen the process is gone, so it never waits for a pid that may be reused."""
+        if self.popen is not None:
+            self.popen.returncode = returncode
+
+
+def close_fd(fd):
+    """Close a descriptor, ignoring one that is already closed."""
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _unlink_quiet(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _which_in(program, path):
+    """Find an executable on a PATH string (shutil.which drags in bz2 and lzma)."""
+    for directory in (path if path is not None else os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def _spawn_error(exc, argv, cwd):
+    """Turn what Popen raised into the SpawnError a user can act on (127: not found, 126: not executable)."""
+    if isinstance(exc, FileNotFoundError):
+        if cwd and exc.filename == cwd:
+            return SpawnError(f"cwd does not exist: {cwd!r}", EXIT_NOT_FOUND)
+        return SpawnError(f"command not found: {argv[0]!r}", EXIT_NOT_FOUND)
+    if isinstance(exc, PermissionError):
+        return SpawnError(f"permission denied: {argv[0]!r} is not executable", EXIT_NOT_EXECUTABLE)
+    if isinstance(exc, NotADirectoryError):
+        return SpawnError(f"cwd is not a directory: {cwd!r}", EXIT_NOT_FOUND)
+    return SpawnError(f"cannot start {argv[0]!r}: {exc.strerror or exc}", EXIT_NOT_EXECUTABLE)
+
+
+class _Reaper:
+    """Collect exited children on SIGCHLD and hand each wait status to its owner.
+
+    With reap_all (the daemon and PID 1), waitpid(-1) also reaps orphans
+    reparented to us; otherwise only registered pids are waited for, so an
+    engine can run inside a test process without stealing its children.
+    asyncio's own child watchers neither reap orphans nor scale (one thread
+    per child on 3.8-3.11), so this one is ours.
+    """
+
+    def __init__(self, loop, reap_all):
+        self.reap_all = reap_all
+        self._loop = loop
+        self._callbacks = {}
+        loop.add_signal_handler(signal.SIGCHLD, self.reap)
+
+    def watch(self, pid, callback):
+        self._callbacks[pid] = callback
+
+    def reap(self):
+        """Reap every exited child now (also the safety-net tick)."""
+        if self.reap_all:
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return
+                if pid == 0:
+                    return
+                self._dispatch(pid, status)
+        for pid in list(self._callbacks):
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                got, status = pid, None  # someone else reaped it; the exit status is lost
+            if got:
+                self._dispatch(pid, status)
+
+    def _dispatch(self, pid, status):
+        callback = self._callbacks.pop(pid, None)
+        if callback is not None:
+            code, signum = decode_wait_status(status) if status is not None else (None, None)
+            callback(code, signum)
+
+    def close(self):
+        self._loop.remove_signal_handler(signal.SIGCHLD)
+
+
+class _Inotify:
+    """A directory watch (inotify(7), through libc): changes as events, no polling."""
+
+    _MODIFY, _ATTRIB, _CLOSE_WRITE, _MOVED_FROM, _MOVED_TO = 0x2, 0x4, 0x8, 0x40, 0x80
+    _CREATE, _DELETE, _DELETE_SELF, _MOVE_SELF = 0x100, 0x200, 0x400, 0x800
+    _Q_OVERFLOW, _IGNORED, _ONLYDIR, _ISDIR = 0x4000, 0x8000, 0x01000000, 0x40000000
+    _MASK = _MODIFY | _ATTRIB | _CLOSE_WRITE | _MOVED_FROM | _MOVED_TO | _CREATE | _DELETE | _DELETE_SELF | _MOVE_SELF
+
+    def __init__(self):
+        import ctypes
+        self._ctypes = ctypes
+        libc = self._libc = ctypes.CDLL(None, use_errno=True)
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+        self.fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1 failed")
+
+    def fileno(self):
+        return self.fd
+
+    def add(self, directory):
+        """Watch one directory; return the watch id or raise OSError."""
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), self._MASK | self._ONLYDIR)
+        if wd < 0:
+            err = self._ctypes.get_errno()
+            raise OSError(err, os.strerror(err), directory)
+        return wd
+
+    def remove(self, wd):
+        self._libc.inotify_rm_watch(self.fd, wd)
+
+    def read(self):
+        """Return [(wd, name, kind)]: kind is "change", "new_dir", "gone" (watch ended) or "overflow"."""
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return []
+        out = []
+        for wd, mask, _cookie, name in _parse_inotify(data):
+            if mask & self._Q_OVERFLOW:
+                kind = "overflow"
+            elif mask & self._IGNORED:
+                kind = "gone"
+            elif mask & self._ISDIR and mask & (self._CREATE | self._MOVED_TO):
+                kind = "new_dir"
+            else:
+                kind = "change"
+            out.append((wd, name, kind))
+        return out
+
+    def close(self):
+        close_fd(self.fd)
+
+
+def _parse_inotify(data):
+    """Split a read() of an inotify fd into (wd, mask, cookie, name) tuples."""
+    import struct
+    events = []
+    offset = 0
+    while offset + 16 <= len(data):
+        wd, mask, cookie, length = struct.unpack_from("iIII", data, offset)
+        name = data[offset + 16:offset + 16 + length].split(b"\0", 1)[0]
+        events.append((wd, mask, cookie, os.fsdecode(name)))
+        offset += 16 + length
+    return events
+
+
+class PosixDriver:
+    """macOS, the BSDs and the base of Linux: fork/exec, process groups, signals, Unix sockets."""
+
+    shell = ("/bin/sh", "-c")
+    kill_signal = signal.SIGKILL
+    service_system = "launchd" if _DARWIN else "systemd"
+    unix_sockets = True
+    stop_signals = ("SIGTERM", "SIGINT")      # a clean shutdown of the daemon or the runtime
+    # Signals a container's PID 1 passes on to the apps (tini forwards everything it can catch).
+    forwarded_signals = tuple(getattr(signal, name) for name in (
+        "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGQUIT", "SIGCONT", "SIGALRM", "SIGURG", "SIGPWR", "SIGINFO")
+        if hasattr(signal, name))
+
+    def default_home(self):
+        """Return $OXMGR_HOME, else $XDG_DATA_HOME/oxmgr, else ~/.local/share/oxmgr."""
+        home = os.environ.get(ENV_HOME)
+        if home:
+            return os.path.abspath(os.path.expanduser(home))
+        base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        return os.path.join(base, "oxmgr")
+
+    def secure_home(self, root):
+        """Make the home private (0700); return a warning when it had to be tightened."""
+        mode = os.stat(root).st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(root, 0o700)
+            return f"home {root!r} was mode {mode:o}; set to 700 so only you can reach it"
+        return None
+
+    # -- processes ----------------------------------------------------------------
+
+    def check_program(self, argv, cwd, env):
+        """Raise SpawnError now for what exec would refuse later: no program, not executable, no cwd."""
+        program = argv[0]
+        if cwd and not os.path.isdir(cwd):
+            raise SpawnError(f"cwd {'is not a directory' if os.path.exists(cwd) else 'does not exist'}: {cwd!r}",
+                             EXIT_NOT_FOUND)
+        if os.sep in program:
+            path = program if os.path.isabs(program) else os.path.join(cwd or os.getcwd(), program)
+            if not os.path.exists(path):
+                raise SpawnError(f"command not found: {program!r}", EXIT_NOT_FOUND)
+        else:
+            path = _which_in(program, env.get("PATH", os.defpath))
+            if path is None:
+                raise SpawnError(f"command not found: {program!r}", EXIT_NOT_FOUND)
+        if os.path.isdir(path) or not os.access(path, os.X_OK):
+            raise SpawnError(f"permission denied: {program!r} is not executable", EXIT_NOT_EXECUTABLE)
+
+    def spawn(self, argv, cwd, env, listen_fds=()):
+        """Start argv in its own session and process group, stdin from /dev/null.
+
+        Returns a Child whose pid is the app's pid and its group id; stdout and
+        stderr are pipes to us. listen_fds are passed as fds 3, 4... with
+        LISTEN_FDS/LISTEN_PID set (systemd's socket passing). Raises SpawnError.
+        """
+        import subprocess
+        kwargs = {}
+        if listen_fds:
+            # The environment is installed by the preexec hook, so look the program up on the app's PATH here.
+            program = argv[0] if os.sep in argv[0] else (_which_in(argv[0], env.get("PATH")) or argv[0])
+            argv = [program] + list(argv[1:])
+            kwargs.update(preexec_fn=_pass_listen_fds(list(listen_fds), env),
+                          pass_fds=tuple(range(3, 3 + len(listen_fds))))
+            env = None
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                     close_fds=True, start_new_session=True, **kwargs)
+        except (OSError, ValueError) as exc:
+            for fd in (out_r, err_r):
+                close_fd(fd)
+            if isinstance(exc, ValueError):  # an embedded NUL in argv, env or cwd
+                raise SpawnError(f"cannot start {argv[0]!r}: {exc}", EXIT_NOT_EXECUTABLE) from None
+            raise _spawn_error(exc, argv, cwd) from None
+        finally:
+            close_fd(out_w)
+            close_fd(err_w)
+        stats = self.read_stats(popen.pid)
+        return Child(popen.pid, open(out_r, "rb", buffering=0), open(err_r, "rb", buffering=0), popen,
+                     stats.start_ticks if stats else None)
+
+    def spawn_detached(self, argv, log_path, env=None):
+        """Start a background process in a new session, stdio to `log_path`."""
+        import subprocess
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_CLOEXEC, 0o600)
+        try:
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True,
+                                    env=env, start_new_session=True)
+        finally:
+            os.close(fd)
+
+    def exec_into(self, argv):
+        """Replace this process with argv, keeping the pid (service managers track it)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(argv[0], argv)
+
+    def kill_tree(self, tree, signum):
+        """Send a signal to a whole process group; False when the group is gone."""
+        if not tree or tree <= 1:
+            return False  # never signal our own group or init's by accident
+        try:
+            os.killpg(tree, signum)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    def tree_alive(self, tree):
+        """Return True while any member of the process group exists."""
+        return self.kill_tree(tree, 0)
+
+    def pid_alive(self, pid):
+        """Return True when a process with this pid exists (zombies included)."""
+        if not pid or pid <= 0:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # exists, owned by someone else
+        return True
+
+    def process_running(self, pid):
+        """Return True while pid runs; a zombie waiting for its parent has stopped."""
+        stats = self.read_stats(pid)
+        return stats is not None and stats.state != "Z"
+
+    def leftover_tree(self, tree, start_ticks):
+        """True when a process group recorded by a previous daemon still exists.
+
+        The leader must be the same process (pid, start time and group), or be
+        gone while members remain: a group id is not reused while it has members.
+        """
+        stats = self.read_stats(tree)
+        if stats is not None and stats.state != "Z":
+            return stats.pgid == tree and (start_ticks is None or stats.start_ticks == start_ticks)
+        return self.tree_alive(tree)
+
+    def reaper(self, loop, reap_all=False):
+        return _Reaper(loop, reap_all)
+
+    def add_signal_handlers(self, loop, handlers):
+        """handlers: {signal name: fn(signum)}; names this platform lacks are skipped."""
+        for name, fn in handlers.items():
+            signum = getattr(signal, name, None) if isinstance(name, str) else name
+            if signum is not None:
+                loop.add_signal_handler(signum, fn, signum)
+
+    def grow_pipe(self, fd, size=CHATTY_PIPE_BYTES):
+        """Give a pipe a larger kernel buffer where the kernel allows it; True when it took."""
+        return False
+
+    def make_subreaper(self):
+        """Adopt orphaned descendants as PID 1 would; False where the kernel cannot."""
+        return False
+
+    def raise_fd_limit(self):
+        """Lift the soft open-files limit to the hard one: each app holds 4 fds."""
+        try:
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            want = hard if hard != resource.RLIM_INFINITY else 1 << 16
+            if soft != resource.RLIM_INFINITY and soft < want:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, 1 << 20), hard))
+        except (ValueError, OSError):  # pragma: no cover
+            pass
+
+    # -- process table ------------------------------------------------------------
+
+    clock_ticks = 100  # ps reports cpu time in seconds: stored as centiseconds
+
+    def process_table(self):
+        """Return {pid: ProcStats} for every process (ps here; /proc on Linux)."""
+        import subprocess
+        out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid=,sess=,state=,time=,rss=,lstart="],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False).stdout
+        return _parse_ps_output(out.decode("ascii", "replace"))
+
+    def read_stats(self, pid):
+        """Return ProcStats for one pid, or None when it is gone (never raises)."""
+        try:
+            return self.process_table().get(pid)
+        except OSError:
+            return None
+
+    def file_watch(self):
+        """Return an inotify-like watch, or None: then watched trees are scanned."""
+        return None
+
+    # -- sockets ---------------------------------------------------------------------
+
+    def _sun_path(self, path):
+        return path, None
+
+    def bind_unix(self, path, kind=socket.SOCK_STREAM):
+        """Bind an AF_UNIX socket born 0600 (no window where others can connect)."""
+        sock = socket.socket(socket.AF_UNIX, kind)
+        addr, dir_fd = self._sun_path(path)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(addr)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+            if dir_fd is not None:
+                close_fd(dir_fd)
+        return sock
+
+    def connect_unix(self, path, timeout):
+        """Connect to a Unix stream socket; OSError as connect raises it."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            addr, dir_fd = self._sun_path(path)
+        except OSError:
+            sock.close()
+            raise
+        try:
+            sock.connect(addr)
+        except OSError:
+            sock.close()
+            raise
+        finally:
+            if dir_fd is not None:
+                close_fd(dir_fd)
+        return sock
+
+    def peer_uid(self, sock):
+        """Return the uid of the process at the other end of a Unix socket, or None."""
+        import struct
+        # LOCAL_PEERCRED (0x001 at level SOL_LOCAL 0) returns struct xucred.
+        creds = sock.getsockopt(0, 0x001, struct.calcsize("IIh16I"))
+        return struct.unpack("IIh16I", creds)[1]
+
+    def trusted_uid(self, uid):
+        """The daemon answers its own user, and root."""
+        return uid in (os.getuid(), 0)
+
+    def bind_notify(self, path):
+        """Bind an app's NOTIFY_SOCKET (sd_notify's datagrams); return (socket, address for the app)."""
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        _unlink_quiet(path)
+        return self.bind_unix(path, socket.SOCK_DGRAM), path
+
+    def unbind_notify(self, sock, address):
+        sock.close()
+        if not address.startswith("@"):
+            _unlink_quiet(address)
+
+    def bind_listener(self, address):
+        """Bind and listen on "tcp://host:port" or "unix:/path" for an app; SpawnError if it cannot."""
+        try:
+            if address.startswith("unix:"):
+                path = address[5:]
+                _unlink_quiet(path)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.bind(path)
+            else:
+                host, port = split_host_port(address[len("tcp://"):])
+                sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+            sock.listen(1024)
+        except OSError as exc:
+            raise SpawnError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        return sock
+
+    def unbind_listener(self, address, sock):
+        sock.close()
+        if address.startswith("unix:"):
+            _unlink_quiet(address[5:])
+
+    def lock(self, path):
+        """Take the single-instance lock; return its fd, or None when another process holds it."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return None
+            raise
+        return fd
+
+    def sd_notify(self, message):
+        """Tell systemd (Type=notify) how we are doing; a no-op without NOTIFY_SOCKET."""
+        address = os.environ.get("NOTIFY_SOCKET")
+        if not address:
+            return False
+        if address.startswith("@"):
+            address = "\0" + address[1:]
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto(message.encode(), address)
+        except OSError:
+            return False
+        return True
+
+
+def _pass_listen_fds(fds, env):
+    """Return a preexec_fn that puts held sockets at fds 3, 4... (systemd's socket passing).
+
+    LISTEN_PID must be the child's own pid, known only after fork; so the
+    environment is set here, in the child, before exec.
+    """
+    first, count = 3, len(fds)
+
+    def child():
+        # Lift every socket above the target range first, so no dup2 overwrites another.
+        lifted = [fcntl.fcntl(fd, fcntl.F_DUPFD, first + count) for fd in fds]
+        for i, fd in enumerate(lifted):
+            os.dup2(fd, first + i)  # dup2 clears close-on-exec
+        os.environ.clear()
+        os.environ.update(env)
+        os.environ["LISTEN_PID"] = str(os.getpid())
+    return child
+
+
+class LinuxDriver(PosixDriver):
+    """Linux: /proc for the process table, inotify, child subreaper, bigger pipes."""
+
+    def __init__(self):
+        try:
+            self.clock_ticks = os.sysconf("SC_CLK_TCK")
+            self._page = os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):  # pragma: no cover
+            self.clock_ticks, self._page = 100, 4096
+
+    def process_table(self):
+        """Return {pid: ProcStats} for every process: one pass over /proc."""
+        table = {}
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/stat", "rb") as f:
+                    raw = f.read()
+            except OSError:
+                continue  # exited while we looked
+            stats = _parse_proc_stat(raw.decode("ascii", "replace"), self._page)
+            if stats is not None:
+                table[stats.pid] = stats
+        return table
+
+    def read_stats(self, pid):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                return _parse_proc_stat(f.read().decode("ascii", "replace"), self._page)
+        except OSError:
+            return None
+
+    def grow_pipe(self, fd, size=CHATTY_PIPE_BYTES):
+        # Only for apps seen to fill their pipe: pipe pages count against the user's
+        # pipe-user-pages-soft limit, past which every new pipe of that user gets one page.
+        try:
+            fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)  # 1031: the constant before 3.10
+        except OSError:
+            return False
+        return True
+
+    def make_subreaper(self):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+        except (ImportError, OSError, AttributeError):  # pragma: no cover
+            return False
+
+    def file_watch(self):
+        try:
+            return _Inotify()
+        except (ImportError, OSError, AttributeError):  # pragma: no cover
+            return None
+
+    def _sun_path(self, path):
+        # sun_path holds 108 bytes: a long home is reached through /proc/self/fd/N of
+        # its open directory, which works for bind and connect alike.
+        if len(os.fsencode(path)) < 100:
+            return path, None
+        dir_fd = os.open(os.path.dirname(path), os.O_RDONLY | _O_CLOEXEC)
+        return f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}", dir_fd
+
+    def peer_uid(self, sock):
+        import struct
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", creds)[1]
+
+    def bind_notify(self, path):
+        if len(os.fsencode(path)) < 100:
+            return super().bind_notify(path)
+        # too long for sun_path: an abstract name, which sd_notify spells with a leading @
+        address = f"@oxmgr-{os.getuid()}-{abs(_stable_number(path))}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind("\0" + address[1:])
+        return sock, address
+
+
+class WindowsDriver:  # pragma: no cover  (the Windows issue fills in what says "not on Windows yet")
+    """Windows: job objects, loopback TCP with a token, Toolhelp for the process table."""
+
+    shell = ("cmd.exe", "/c")
+    kill_signal = None                        # TerminateJobObject
+    service_system = "task-scheduler"
+    unix_sockets = False
+    stop_signals = ("SIGINT", "SIGBREAK")
+    forwarded_signals = ()
+    clock_ticks = 100  # FILETIME counts 100 ns: stored as centiseconds
+
+    def _not_yet(self, what):
+        raise OxmgrError(f"{what} is not on Windows yet; run the daemon on Linux or macOS for now")
+
+    def default_home(self):
+        home = os.environ.get(ENV_HOME)
+        if home:
+            return os.path.abspath(os.path.expanduser(home))
+        return os.path.join(os.environ.get("LOCALAPPDATA") or os.path.expanduser("~"), "oxmgr")
+
+    def secure_home(self, root):
+        return None  # the profile directory's ACL already keeps other users out
+
+    def check_program(self, argv, cwd, env):
+        if cwd and not os.path.isdir(cwd):
+            raise SpawnError(f"cwd does not exist: {cwd!r}", EXIT_NOT_FOUND)
+
+    def spawn(self, argv, cwd, env, listen_fds=()):
+        self._not_yet("supervising apps")
+
+    def spawn_detached(self, argv, log_path, env=None):
+        import subprocess
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            # DETACHED_PROCESS | CREATE_NEW_PROCESS_GROUP | CREATE_NO_WINDOW
+            return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True,
+                                    env=env, creationflags=0x00000008 | 0x00000200 | 0x08000000)
+        finally:
+            os.close(fd)
+
+    def exec_into(self, argv):
+        return False  # no exec that keeps the pid: the caller goes on in this process
+
+    def kill_tree(self, tree, signum):
+        self._not_yet("stopping a process tree")
+
+    def tree_alive(self, tree):
+        self._not_yet("watching a process tree")
+
+    def pid_alive(self, pid):
+        return pid in self.process_table()  # never os.kill(pid, 0): 0 is CTRL_C_EVENT here
+
+    def process_running(self, pid):
+        return self.pid_alive(pid)
+
+    def leftover_tree(self, tree, start_ticks):
+        return False  # kill-on-close job objects die with the daemon that made them
+
+    def reaper(self, loop, reap_all=False):
+        self._not_yet("watching app exits")
+
+    def add_signal_handlers(self, loop, handlers):
+        # No loop.add_signal_handler here: the handler only asks the loop to act.
+        for name, fn in handlers.items():
+            signum = getattr(signal, name, None) if isinstance(name, str) else name
+            if signum is not None:
+                signal.signal(signum, lambda s, _frame, fn=fn: loop.call_soon_threadsafe(fn, s))
+
+    def grow_pipe(self, fd, size=CHATTY_PIPE_BYTES):
+        return False
+
+    def make_subreaper(self):
+        return False
+
+    def raise_fd_limit(self):
+        pass
+
+    def process_table(self):
+        return _win32_process_table()
+
+    def read_stats(self, pid):
+        try:
+            return self.process_table().get(pid)
+        except OSError:
+            return None
+
+    def file_watch(self):
+        return None
+
+    def bind_unix(self, path, kind=None):
+        self._not_yet("a Unix socket")
+
+    def connect_unix(self, path, timeout):
+        self._not_yet("a Unix socket")
+
+    def peer_uid(self, sock):
+        return None
+
+    def trusted_uid(self, uid):
+        return False
+
+    def bind_notify(self, path):
+        self._not_yet("NOTIFY_SOCKET readiness")
+
+    def unbind_notify(self, sock, address):
+        sock.close()
+
+    def bind_listener(self, address):
+        self._not_yet("held sockets")
+
+    def unbind_listener(self, address, sock):
+        sock.close()
+
+    def lock(self, path):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+
+    def sd_notify(self, message):
+        return False
+
+
 _win32 = None  # (kernel32, psapi, structures), loaded on first use
 
 
@@ -1083,11 +1412,11 @@ def _win32_api():  # pragma: no cover  (Windows only)
     return _win32
 
 
-def _stats_from_win32():  # pragma: no cover  (Windows only)
+def _win32_process_table():  # pragma: no cover  (Windows only)
     """Return {pid: ProcStats} from a Toolhelp snapshot plus per-process times and memory.
 
-    cpu_ticks are centiseconds (FILETIME counts 100 ns), so clock_ticks() is 100 here too;
-    start_ticks is the creation FILETIME, which with the pid identifies a process.
+    cpu_ticks are centiseconds (FILETIME counts 100 ns); start_ticks is the
+    creation FILETIME, which with the pid identifies a process.
     """
     import ctypes
     from ctypes import wintypes
@@ -1125,112 +1454,7 @@ def _stats_from_win32():  # pragma: no cover  (Windows only)
     return table
 
 
-def read_process_table():
-    """Return {pid: ProcStats} for every process; one pass over /proc (or ps, or Toolhelp)."""
-    if _LINUX:
-        page = page_size()
-        table = {}
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    raw = f.read()
-            except OSError:
-                continue  # exited while we looked
-            stats = _parse_proc_stat(raw.decode("ascii", "replace"), page)
-            if stats is not None:
-                table[stats.pid] = stats
-        return table
-    if _WINDOWS:  # pragma: no cover
-        return _stats_from_win32()
-    import subprocess  # pragma: no cover  (macOS/BSD)
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid=,sess=,state=,time=,rss=,lstart="],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False).stdout
-    return _parse_ps_output(out.decode("ascii", "replace"))  # pragma: no cover
-
-
-def read_stats(pid):
-    """Return ProcStats for one pid, or None when it is gone (never raises)."""
-    if _LINUX:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                return _parse_proc_stat(f.read().decode("ascii", "replace"), page_size())
-        except OSError:
-            return None
-    return read_process_table().get(pid)  # pragma: no cover
-
-
-def process_running(pid):
-    """Return True while pid runs; a zombie waiting for its parent has stopped."""
-    if not _LINUX:  # pragma: no cover
-        return pid_alive(pid)
-    stats = read_stats(pid)
-    return stats is not None and stats.state != "Z"
-
-
-def tree_members(table, root_pid, sid=None):
-    """Return the pids of root_pid's tree: its descendants and its session.
-
-    Each app runs in its own session, so session members that were reparented
-    to init (a daemonizing grandchild) still count toward the app.
-    """
-    children = {}
-    for st in table.values():
-        children.setdefault(st.ppid, []).append(st.pid)
-    seen = set()
-    stack = [root_pid]
-    while stack:
-        pid = stack.pop()
-        if pid in seen or pid not in table:
-            continue
-        seen.add(pid)
-        stack.extend(children.get(pid, ()))
-    if sid:
-        seen.update(st.pid for st in table.values() if st.sid == sid)
-    return seen
-
-
-class TreeSampler:
-    """Turn successive process tables into CPU% and RSS per process tree."""
-
-    def __init__(self, clock=time.monotonic, ticks_per_s=None):
-        self._clock = clock
-        self._hz = ticks_per_s or clock_ticks()
-        self._last_at = None
-        self._last_ticks = {}   # pid -> (start_ticks, cpu_ticks) at the last sample
-
-    def sample(self, roots, table=None):
-        """Return {root_pid: (cpu_percent, rss_bytes)} for the given roots.
-
-        `roots` maps a root pid to its session id (or None).
-        """
-        table = read_process_table() if table is None else table
-        now = self._clock()
-        elapsed = (now - self._last_at) if self._last_at is not None else None
-        result = {}
-        seen_ticks = {}
-        for root, sid in roots.items():
-            cpu_delta = 0
-            rss = 0
-            for pid in tree_members(table, root, sid):
-                st = table[pid]
-                seen_ticks[pid] = (st.start_ticks, st.cpu_ticks)
-                if st.state != "Z":
-                    rss += st.rss_bytes
-                prev = self._last_ticks.get(pid)
-                if prev is not None and prev[0] == st.start_ticks:
-                    cpu_delta += max(0, st.cpu_ticks - prev[1])
-                elif elapsed is not None:
-                    cpu_delta += st.cpu_ticks  # new since the last sample
-            cpu = None
-            if elapsed:
-                cpu = round(100.0 * cpu_delta / self._hz / elapsed, 1)
-            result[root] = (cpu, rss)
-        self._last_at = now
-        self._last_ticks = seen_ticks
-        return result
-
+DRIVER = WindowsDriver() if _WINDOWS else LinuxDriver() if _LINUX else PosixDriver()
 # =============================================================================
 # 7. Config model
 # =============================================================================
@@ -1359,7 +1583,7 @@ def _v_command(value):
     text = _v_str(value)
     if not text.strip():
         raise ValueError("expected a command, got an empty string")
-    split_command(text)  # raises ValueError for unbalanced quotes
+    split_command(text, DRIVER.shell)  # raises ValueError for unbalanced quotes
     return text
 
 
@@ -1426,8 +1650,7 @@ def _v_percent(value):
 
 def _v_host_port(value):
     text = _v_str(value).strip()
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if split_host_port(text)[1] == 0:
         raise ValueError(f"expected host:port like 127.0.0.1:3000, got {value!r}")
     return text
 
@@ -1592,7 +1815,6 @@ _SPEC_FIELDS = (
     ("err_file", None, _v_opt_str),
     ("instance", None, _v_opt_count),              # index when expanded from instances = N
     ("instance_var", DEFAULT_INSTANCE_VAR, _v_str),
-    ("instances", 1, _v_positive_count),           # size of the group this instance belongs to
     ("base_name", None, _v_opt_str),               # the app's name before expansion (a target)
     ("depends_on", None, _v_names),                # base names started (and ready) first
     ("start_order", 0, _v_int),                    # tie-break among apps whose dependencies are met
@@ -1632,7 +1854,7 @@ class AppSpec:
     exists is a spec that can run.
     """
 
-    __slots__ = tuple(name for name, _, _ in _SPEC_FIELDS) + ("_json", "_fingerprint")
+    __slots__ = tuple(name for name, _, _ in _SPEC_FIELDS) + ("_compact", "_fingerprint")
 
     def __init__(self, **values):
         for name, default, _ in _SPEC_FIELDS:
@@ -1642,7 +1864,7 @@ class AppSpec:
             object.__setattr__(self, name, value)
         if values:
             raise TypeError(f"unknown AppSpec fields: {sorted(values)}")
-        object.__setattr__(self, "_json", None)
+        object.__setattr__(self, "_compact", None)
         object.__setattr__(self, "_fingerprint", None)
 
     @classmethod
@@ -1683,28 +1905,22 @@ class AppSpec:
         data.update(changes)
         return AppSpec.from_dict(data, where=f"app {data.get('name')!r}")
 
-    def to_json(self):
-        """Return the fields that differ from their defaults, as JSON (cached: a spec never changes).
+    def compact(self):
+        """Return the fields that differ from their defaults (cached: a spec never changes).
 
         This is what state.json stores: from_dict gives the same spec back.
         """
-        if self._json is None:
-            compact = {name: value for name, value in self.to_dict().items()
-                       if name in ("name", "command") or value != (_MUTABLE_DEFAULTS[name]() if name in
-                                                                   _MUTABLE_DEFAULTS else _SPEC_DEFAULTS[name])}
-            object.__setattr__(self, "_json", json_dumps(compact))
-        return self._json
+        if self._compact is None:
+            object.__setattr__(self, "_compact", {
+                name: value for name, value in self.to_dict().items()
+                if name in ("name", "command") or value != (_MUTABLE_DEFAULTS[name]() if name in _MUTABLE_DEFAULTS
+                                                            else _SPEC_DEFAULTS[name])})
+        return self._compact
 
     def fingerprint(self):
-        """Return a canonical string: equal strings mean an identical app.
-
-        The group size (instances) is left out: scaling a group does not
-        change what each instance runs.
-        """
+        """Return a canonical string: equal strings mean an identical app."""
         if self._fingerprint is None:
-            data = self.to_dict()
-            data.pop("instances")
-            object.__setattr__(self, "_fingerprint", json_dumps(data, sort_keys=True))
+            object.__setattr__(self, "_fingerprint", to_json(self.to_dict(), sort_keys=True))
         return self._fingerprint
 
     def __eq__(self, other):
@@ -1735,9 +1951,9 @@ def resolve_argv(spec):
     if interp and interp != "none":
         prefix = [interp] + list(spec.interpreter_args)
         if needs_shell(spec.command):
-            return ["/bin/sh", "-c", quote_join(prefix) + " " + spec.command]
-        return prefix + split_command(spec.command)
-    return split_command(spec.command)
+            return list(DRIVER.shell) + [shlex.join(prefix) + " " + spec.command]
+        return prefix + split_command(spec.command, DRIVER.shell)
+    return split_command(spec.command, DRIVER.shell)
 
 
 def default_app_name(command):
@@ -1746,7 +1962,7 @@ def default_app_name(command):
         argv = command.split()[:1]
     else:
         try:
-            argv = split_command(command)
+            argv = split_command(command, DRIVER.shell)
         except ValueError:
             argv = command.split()
     base = os.path.basename(argv[0]) if argv else "app"
@@ -1788,6 +2004,7 @@ def child_environment(spec, base_env, app_id):
     if spec.instance is not None:
         env[spec.instance_var] = str(spec.instance)
     return env
+
 
 # =============================================================================
 # 8. Config files: oxfile.toml and PM2 ecosystem files
@@ -2598,7 +2815,7 @@ def _eval_js_config(path, text):
             detail = next((ln for ln in lines if "Error" in ln), lines[0] if lines else "no output")
             raise ConfigError(f"{path}: node could not evaluate it: {detail.strip()}")
         try:
-            return json_loads(result.stdout.decode("utf-8"))
+            return json.loads(result.stdout.decode("utf-8"))
         except ValueError:
             raise ConfigError(f"{path}: node printed something that is not JSON") from None
     try:
@@ -2624,7 +2841,6 @@ def read_config_file(path):
     if suffix == ".toml":
         return toml_loads(text, path)
     if suffix == ".json":
-        import json
         try:
             return json.loads(text)
         except ValueError as exc:
@@ -2887,7 +3103,6 @@ def _ecosystem_fields(raw, where, profile, base_dir, problems, warnings):
         else:
             args = raw.get("args", [])
             if isinstance(args, str):
-                import shlex
                 try:
                     args = shlex.split(args)
                 except ValueError as exc:
@@ -2900,7 +3115,7 @@ def _ecosystem_fields(raw, where, profile, base_dir, problems, warnings):
             local = os.path.join(os.path.expanduser(cwd), script)
             if os.sep not in script and os.path.isfile(local):
                 script = "./" + script  # a file next to the app, not a program on PATH (PM2's rule)
-            command = quote_join([script] + [str(a) for a in args])
+            command = shlex.join([script] + [str(a) for a in args])
             if "interpreter" not in fields:
                 ext = os.path.splitext(script)[1].lower()
                 inferred = {".sh": "bash"}.get(ext) or (INTERPRETERS.get(ext) if ext != ".py" else "python")
@@ -2915,7 +3130,6 @@ def _ecosystem_fields(raw, where, profile, base_dir, problems, warnings):
     else:
         fields["command"] = command
     if isinstance(fields.get("interpreter_args"), str):
-        import shlex
         fields["interpreter_args"] = shlex.split(fields["interpreter_args"])
     if fields.get("interpreter") == "none":
         fields["interpreter"] = None
@@ -2990,7 +3204,7 @@ def _expand(fields, where, problems):
     fields = dict(fields)
     increment_var = fields.pop("_increment_var", None)
     merge_logs = fields.get("merge_logs") is True
-    count = fields.get("instances", 1)
+    count = fields.pop("instances", 1)  # the group's size is not stored: it is the number of instances
     base = fields.get("name")
     specs = []
     for i in range(count if count > 1 else 1):
@@ -3220,7 +3434,7 @@ def load_config(paths, profile=None, only=None):
 
 
 # AppSpec fields a converted oxfile does not write directly: derived, or in [apps.logs].
-_DUMP_SKIP = frozenset({"name", "command", "base_name", "instance", "instances", "env", "out_file", "err_file",
+_DUMP_SKIP = frozenset({"name", "command", "base_name", "instance", "env", "out_file", "err_file",
                         "combined_file", "log_max_bytes", "log_max_files", "log_max_age_s"})
 
 
@@ -3237,8 +3451,8 @@ def dump_oxfile(config, profile=None):
         lines.append("[[apps]]")
         lines.append(f"name = {_toml_value(spec.base_name or spec.name)}")
         lines.append(f"command = {_toml_value(spec.command)}")
-        if spec.instances != 1:
-            lines.append(f"instances = {spec.instances}")
+        if fields.get("instances", 1) != 1:
+            lines.append(f"instances = {fields['instances']}")
         if fields.get("_increment_var"):
             lines.append(f"increment_var = {_toml_value(fields['_increment_var'])}")
         for field, value in data.items():
@@ -3274,7 +3488,7 @@ def dump_oxfile(config, profile=None):
 
 
 # =============================================================================
-# 9. State store and paths
+# 9. State store, logs and the line framer
 # =============================================================================
 
 
@@ -3282,12 +3496,13 @@ class Home:
     """The paths under OXMGR_HOME; nothing is created until ensure()."""
 
     def __init__(self, root=None):
-        self.root = os.path.abspath(root or default_home())
+        self.root = os.path.abspath(root or DRIVER.default_home())
         join = os.path.join
         self.state = join(self.root, "state.json")
         self.state_backup = join(self.root, "state.json.bak")
         self.sock = join(self.root, "daemon.sock")
         self.token = join(self.root, "daemon.token")
+        self.addr = join(self.root, "daemon.addr")
         self.pid_file = join(self.root, "daemon.pid")
         self.lock = join(self.root, "daemon.lock")
         self.daemon_log = join(self.root, "daemon.log")
@@ -3299,12 +3514,7 @@ class Home:
         Returns a warning string when the mode had to be fixed, else None.
         """
         os.makedirs(self.root, mode=0o700, exist_ok=True)
-        warning = None
-        if not _WINDOWS:
-            mode = os.stat(self.root).st_mode & 0o777
-            if mode & 0o077:
-                os.chmod(self.root, 0o700)
-                warning = f"home {self.root!r} was mode {mode:o}; set to 700 so only you can reach it"
+        warning = DRIVER.secure_home(self.root)
         os.makedirs(self.logs, mode=0o700, exist_ok=True)
         return warning
 
@@ -3384,14 +3594,14 @@ class ProcessRecord:
         out["spec"] = self.spec.to_dict()
         return out
 
-    def to_json(self, env_index):
+    def to_state(self, env_index):
         """Return the record as state.json stores it: the environment as an index into "envs"."""
         out = {"id": self.id, "name": self.spec.name}
         for name, _ in _RECORD_FIELDS[1:-1]:  # base_env is last: written as env_index
             out[name] = getattr(self, name)
         out["base_env"] = env_index
-        text = json_dumps(out)
-        return text[:-1] + ',"spec":' + self.spec.to_json() + "}"
+        out["spec"] = self.spec.compact()
+        return out
 
     @classmethod
     def from_dict(cls, data):
@@ -3401,8 +3611,11 @@ class ProcessRecord:
         ident = data.get("id")
         if not isinstance(ident, int) or isinstance(ident, bool) or ident < 0:
             raise StateError(f"process entry has no valid id: {ident!r}")
+        raw = data.get("spec")
+        if isinstance(raw, dict) and "instances" in raw:  # written by 0.1, which stored the group size
+            raw = {k: v for k, v in raw.items() if k != "instances"}
         try:
-            spec = AppSpec.from_dict(data.get("spec"), where=f"process {ident}")
+            spec = AppSpec.from_dict(raw, where=f"process {ident}")
         except ConfigError as exc:
             raise StateError(str(exc)) from None
         values = {}
@@ -3421,29 +3634,28 @@ class ProcessRecord:
 def save_state(home, next_id, records):
     """Persist the process set atomically, keeping the previous good copy.
 
-    Built from cached pieces: it runs after every lifecycle change. Apps
-    started from one shell share one environment, stored once in "envs".
+    It runs after every lifecycle change. Apps started from one shell share
+    one environment, stored once in "envs".
     """
     env_index = {}   # id(dict) -> index; equal environments share an index too
     by_text = {}
     envs = []
-    parts = []
+    processes = []
     for rec in records:
         key = id(rec.base_env)
         if key not in env_index:
-            text = json_dumps(rec.base_env or {})
+            text = to_json(rec.base_env or {}, sort_keys=True)
             if text not in by_text:
                 by_text[text] = len(envs)
-                envs.append(text)
+                envs.append(rec.base_env or {})
             env_index[key] = by_text[text]
-        parts.append(rec.to_json(env_index[key]))
-    text = (f'{{"version":1,"next_id":{int(next_id)},"envs":[{",".join(envs)}],'
-            f'"processes":[{",".join(parts)}]}}')
+        processes.append(rec.to_state(env_index[key]))
+    text = to_json({"version": 1, "next_id": int(next_id), "envs": envs, "processes": processes})
     atomic_write(home.state, text.encode(), backup=home.state_backup)
 
 
 def _parse_state(raw):
-    data = json_loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    data = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     if not isinstance(data, dict) or not isinstance(data.get("processes"), list):
         raise StateError("expected an object with a 'processes' list")
     envs = data.get("envs", [])
@@ -3458,7 +3670,7 @@ def _parse_state(raw):
     shared = {}  # records that shared an environment share it again (memory)
     records = [ProcessRecord.from_dict(item) for item in data["processes"]]
     for rec in records:
-        rec.base_env = shared.setdefault(json_dumps(rec.base_env or {}), rec.base_env)
+        rec.base_env = shared.setdefault(to_json(rec.base_env or {}, sort_keys=True), rec.base_env)
     ids = [r.id for r in records]
     names = [r.name for r in records]
     if len(set(ids)) != len(ids) or len(set(names)) != len(names):
@@ -3498,9 +3710,7 @@ def load_state(home):
         return next_id, records, warnings
     return 0, [], warnings
 
-# =============================================================================
-# 10. Logs
-# =============================================================================
+# -- logs ------------------------------------------------------------------------
 
 
 class LogPolicy:
@@ -3690,19 +3900,72 @@ class RotatingLog:
             self._fd = None
 
 
-def _unlink_quiet(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 def _rename_quiet(src, dst):
     # A file another tool deleted is not an error: rotation must never fail.
     try:
         os.replace(src, dst)
     except FileNotFoundError:
         pass
+
+
+def move_log_files(old, new):
+    """Rename a log and its rotated files (.1 .. .N) to a new path: an app that changed its name."""
+    i = 1
+    while os.path.exists(f"{old}.{i}"):
+        i += 1
+    for n in range(i - 1, 0, -1):
+        _rename_quiet(f"{old}.{n}", f"{new}.{n}")
+    _rename_quiet(old, new)
+
+
+class LineBuffer:
+    """Cut a byte stream at line ends: the one line framer.
+
+    Log files, followers, the console and the control socket all get whole
+    lines from it. A line longer than `limit` is passed on in pieces, so
+    memory stays bounded; `at_line_start` says whether the next piece
+    returned begins a line (it does not after such a cut).
+    """
+
+    __slots__ = ("limit", "rest", "at_line_start")
+
+    def __init__(self, limit=MAX_LINE_BYTES):
+        self.limit = limit
+        self.rest = b""
+        self.at_line_start = True
+
+    def feed(self, data):
+        """Return the whole lines received so far (newlines kept), or a piece of an overlong line."""
+        end = data.rfind(b"\n") + 1
+        if end:
+            out = self.rest + data[:end] if self.rest else (data if end == len(data) else data[:end])
+            self.rest = data[end:]
+        else:
+            out, self.rest = b"", self.rest + data
+        if len(self.rest) > self.limit:
+            out, self.rest = out + self.rest, b""
+        if out:
+            self.at_line_start = out.endswith(b"\n")
+        return out
+
+    def flush(self):
+        """Return the unterminated last line, if any (the stream has ended)."""
+        out, self.rest = self.rest, b""
+        self.at_line_start = True
+        return out
+
+
+def stamp_lines(data, stamp, at_line_start):
+    """Prefix every line that starts in `data` with `stamp` (--time, log_date_format)."""
+    parts = data.split(b"\n")
+    out = []
+    last = len(parts) - 1
+    for i, part in enumerate(parts):
+        if i == last and not part:
+            break  # data ended with a newline: the next line starts later
+        out.append(stamp + part if i > 0 or at_line_start else part)
+    text = b"\n".join(out)
+    return text + b"\n" if data.endswith(b"\n") else text
 
 
 def tail_lines(path, n, block=1 << 16):
@@ -3741,14 +4004,15 @@ def tail_log(path, n):
         i += 1
     return lines
 
+
 # =============================================================================
-# 11. IPC protocol (shared, sync, pure)
+# 10. IPC protocol (shared, sync, pure)
 # =============================================================================
 
 
 def encode(msg):
     """Return one protocol frame: a JSON object and a newline."""
-    return json_dumps(msg).encode() + b"\n"
+    return to_json(msg).encode() + b"\n"
 
 
 def decode(line):
@@ -3756,7 +4020,7 @@ def decode(line):
     if len(line) > MAX_FRAME_BYTES:
         raise IpcError(f"frame of {len(line)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     try:
-        msg = json_loads(line.decode("utf-8") if isinstance(line, (bytes, bytearray)) else line)
+        msg = json.loads(line.decode("utf-8") if isinstance(line, (bytes, bytearray)) else line)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise IpcError(f"frame is not JSON: {exc}") from None
     if not isinstance(msg, dict):
@@ -3782,677 +4046,32 @@ def error_from_wire(reply):
     cls = _ERROR_TYPES.get(kind, OxmgrError)
     return cls(message) if cls is not SpawnError else SpawnError(message)
 
-
 # =============================================================================
-# 12. Event loop: a small coroutine runtime over epoll (selectors elsewhere)
+# 11. App state machine (pure: decisions, no I/O)
 # =============================================================================
 #
-# Just what the daemon needs: futures, tasks, timers, fd readiness and signal
-# delivery through a wakeup pipe. `await` works on Future; Task drives a
-# coroutine. It is single-threaded: callbacks run one at a time, so code
-# between two awaits is atomic.
-
-
-class Cancelled(BaseException):
-    """Thrown into a task's coroutine by Task.cancel().
-
-    A BaseException, like asyncio's, so `except Exception` does not swallow it.
-    """
-
-
-class LoopTimeout(Exception):
-    """Raised by wait_for() when the deadline passes first."""
-
-
-_PENDING, _DONE, _CANCELLED = 0, 1, 2
-
-
-class Future:
-    """A result that will exist later; `await fut` waits for it."""
-
-    __slots__ = ("_loop", "_state", "_result", "_exception", "_callbacks")
-
-    def __init__(self, loop):
-        self._loop = loop
-        self._state = _PENDING
-        self._result = None
-        self._exception = None
-        self._callbacks = []
-
-    def done(self):
-        return self._state != _PENDING
-
-    def cancelled(self):
-        return self._state == _CANCELLED
-
-    def result(self):
-        if self._state == _CANCELLED:
-            raise Cancelled()
-        if self._state == _PENDING:
-            raise RuntimeError("future is not done")
-        if self._exception is not None:
-            raise self._exception
-        return self._result
-
-    def exception(self):
-        return self._exception if self._state == _DONE else None
-
-    def set_result(self, value):
-        """Resolve the future; later resolutions are ignored (first one wins)."""
-        if self._state == _PENDING:
-            self._result = value
-            self._state = _DONE
-            self._schedule_callbacks()
-
-    def set_exception(self, exc):
-        if self._state == _PENDING:
-            self._exception = exc
-            self._state = _DONE
-            self._schedule_callbacks()
-
-    def cancel(self):
-        if self._state != _PENDING:
-            return False
-        self._state = _CANCELLED
-        self._schedule_callbacks()
-        return True
-
-    def add_done_callback(self, fn):
-        if self._state == _PENDING:
-            self._callbacks.append(fn)
-        else:
-            self._loop.call_soon(fn, self)
-
-    def remove_done_callback(self, fn):
-        try:
-            self._callbacks.remove(fn)
-        except ValueError:
-            pass
-
-    def _schedule_callbacks(self):
-        callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            self._loop.call_soon(fn, self)
-
-    def __await__(self):
-        if self._state == _PENDING:
-            yield self
-        return self.result()
-
-    __iter__ = __await__
-
-
-class Task(Future):
-    """Drive a coroutine; the task is done when the coroutine returns."""
-
-    __slots__ = ("_coro", "_waiting", "_cancel_requested")
-
-    def __init__(self, loop, coro):
-        super().__init__(loop)
-        self._coro = coro
-        self._waiting = None
-        self._cancel_requested = False
-        loop.call_soon(self._step, None)
-
-    def cancel(self):
-        """Throw Cancelled into the coroutine at its current await."""
-        if self.done():
-            return False
-        self._cancel_requested = True
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None:
-            waiting.remove_done_callback(self._wakeup)
-            self._loop.call_soon(self._step, None)
-        return True
-
-    def _step(self, _unused):
-        if self.done():
-            return
-        try:
-            if self._cancel_requested:
-                self._cancel_requested = False
-                awaited = self._coro.throw(Cancelled())
-            else:
-                awaited = self._coro.send(None)
-        except StopIteration as stop:
-            self.set_result(stop.value)
-        except Cancelled:
-            Future.cancel(self)
-        except (KeyboardInterrupt, SystemExit):  # pragma: no cover
-            raise
-        except BaseException as exc:
-            self.set_exception(exc)
-        else:
-            if not isinstance(awaited, Future):
-                self._loop.call_soon(self._step, None)
-                self._coro.close()
-                self.set_exception(TypeError(f"task awaited a non-Future: {awaited!r}"))
-                return
-            self._waiting = awaited
-            awaited.add_done_callback(self._wakeup)
-
-    def _wakeup(self, fut):
-        if fut is not self._waiting:
-            return  # a stale wakeup after cancel()
-        self._waiting = None
-        self._step(None)
-
-
-class _Handle:
-    __slots__ = ("fn", "args", "cancelled", "when")
-
-    def __init__(self, fn, args, when=None):
-        self.fn = fn
-        self.args = args
-        self.cancelled = False
-        self.when = when
-
-    def cancel(self):
-        self.cancelled = True
-
-    def __lt__(self, other):
-        return self.when < other.when
-
-
-class _Poller:
-    """fd readiness: epoll directly where there is one (the selectors module costs
-    ~5 ms of daemon start-up through collections), else the selectors module."""
-
-    def __init__(self):
-        import select
-        self._epoll = select.epoll() if hasattr(select, "epoll") else None
-        if self._epoll is not None:
-            self._in, self._out = select.EPOLLIN, select.EPOLLOUT
-            # HUP and ERR wake both sides, as selectors does: the read or write then says what happened.
-            self._hup = select.EPOLLHUP | select.EPOLLERR
-        else:  # pragma: no cover  (macOS, BSD)
-            import selectors
-            self._sel = selectors.DefaultSelector()
-            self._in, self._out = selectors.EVENT_READ, selectors.EVENT_WRITE
-
-    def _mask(self, read, write):
-        return (self._in if read else 0) | (self._out if write else 0)
-
-    def register(self, fd, read, write):
-        if self._epoll is not None:
-            self._epoll.register(fd, self._mask(read, write))
-        else:  # pragma: no cover
-            self._sel.register(fd, self._mask(read, write))
-
-    def modify(self, fd, read, write):
-        if self._epoll is not None:
-            self._epoll.modify(fd, self._mask(read, write))
-        else:  # pragma: no cover
-            self._sel.modify(fd, self._mask(read, write))
-
-    def unregister(self, fd):
-        try:
-            if self._epoll is not None:
-                self._epoll.unregister(fd)
-            else:  # pragma: no cover
-                self._sel.unregister(fd)
-        except (KeyError, OSError, ValueError):
-            pass  # closed already: the kernel dropped it
-
-    def poll(self, timeout):
-        """Return [(fd, readable, writable)]; timeout in seconds, None to wait forever."""
-        if self._epoll is not None:
-            out = []
-            for fd, ev in self._epoll.poll(-1 if timeout is None else timeout):
-                hup = ev & self._hup
-                out.append((fd, bool(ev & self._in or hup), bool(ev & self._out or hup)))
-            return out
-        return [(key.fd, bool(mask & self._in), bool(mask & self._out))  # pragma: no cover
-                for key, mask in self._sel.select(timeout)]
-
-    def close(self):
-        if self._epoll is not None:
-            self._epoll.close()
-        else:  # pragma: no cover
-            self._sel.close()
-
-
-class EventLoop:
-    """Run callbacks, timers, fd readiness and signals on one thread."""
-
-    def __init__(self, clock=time.monotonic, log=None):
-        try:  # the C cores: heapq.py and collections cost ~1 ms of daemon start-up
-            import _heapq as heapq
-            from _collections import deque
-        except ImportError:  # pragma: no cover
-            import heapq
-            from collections import deque
-        self._heapq = heapq
-        self._poller = _Poller()
-        self._handlers = {}          # fd -> [reader (fn, args) or None, writer or None]
-        self._ready = deque()
-        self._timers = []
-        self._stopping = False
-        self._signal_handlers = {}
-        self._old_signal_handlers = {}
-        self._wakeup = None
-        self._signals_routed = False
-        self._old_wakeup_fd = None
-        self.time = clock
-        self.log = log or (lambda msg: print(msg, file=sys.stderr))
-
-    # -- scheduling ---------------------------------------------------------
-
-    def call_soon(self, fn, *args):
-        handle = _Handle(fn, args)
-        self._ready.append(handle)
-        return handle
-
-    def call_later(self, delay, fn, *args):
-        handle = _Handle(fn, args, self.time() + max(0.0, delay))
-        self._heapq.heappush(self._timers, handle)
-        return handle
-
-    def create_future(self):
-        return Future(self)
-
-    def create_task(self, coro):
-        return Task(self, coro)
-
-    def sleep(self, delay):
-        """Return a future that resolves after `delay` seconds (await it)."""
-        fut = Future(self)
-        self.call_later(delay, fut.set_result, None)
-        return fut
-
-    # -- file descriptors ---------------------------------------------------
-
-    def _update(self, fd, index, callback):
-        handlers = self._handlers.get(fd)
-        known = handlers is not None
-        if not known:
-            handlers = [None, None]
-        handlers[index] = callback
-        want_read, want_write = handlers[0] is not None, handlers[1] is not None
-        if not known:
-            if want_read or want_write:
-                self._handlers[fd] = handlers
-                self._poller.register(fd, want_read, want_write)
-        elif want_read or want_write:
-            self._poller.modify(fd, want_read, want_write)
-        else:
-            del self._handlers[fd]
-            self._poller.unregister(fd)
-
-    def add_reader(self, fd, fn, *args):
-        self._update(fd, 0, (fn, args))
-
-    def remove_reader(self, fd):
-        self._update(fd, 0, None)
-
-    def add_writer(self, fd, fn, *args):
-        self._update(fd, 1, (fn, args))
-
-    def remove_writer(self, fd):
-        self._update(fd, 1, None)
-
-    # -- signals ------------------------------------------------------------
-
-    def _ensure_wakeup(self, for_signals=False):
-        if self._wakeup is None:
-            r, w = make_pipe()
-            os.set_blocking(w, False)
-            self._wakeup = (r, w)
-            self.add_reader(r, self._read_signals)
-        if for_signals and not self._signals_routed:
-            self._old_wakeup_fd = signal.set_wakeup_fd(self._wakeup[1], warn_on_full_buffer=False)
-            self._signals_routed = True
-
-    def call_soon_threadsafe(self, fn, *args):
-        """Schedule fn from another thread and wake the loop up."""
-        self._ensure_wakeup()
-        self._ready.append(_Handle(fn, args))
-        try:
-            os.write(self._wakeup[1], b"\0")  # signal 0 does not exist: a plain wake-up
-        except (BlockingIOError, OSError):
-            pass  # the pipe is full, so the loop is awake anyway
-
-    def run_in_thread(self, fn, *args):
-        """Run a blocking fn in a worker thread; return a future of its result.
-
-        Only for rare work that has no non-blocking form (DNS of a host name,
-        TLS for https checks): the daemon itself never blocks.
-        """
-        import threading
-        fut = Future(self)
-
-        def work():
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # handed over to the awaiting task
-                self.call_soon_threadsafe(fut.set_exception, exc)
-            else:
-                self.call_soon_threadsafe(fut.set_result, result)
-
-        threading.Thread(target=work, name="oxmgr-worker", daemon=True).start()
-        return fut
-
-    def add_signal_handler(self, signum, fn):
-        """Run fn(signum) on the loop when the signal arrives (main thread only)."""
-        self._ensure_wakeup(for_signals=True)
-        self._signal_handlers[signum] = fn
-        if signum not in self._old_signal_handlers:
-            self._old_signal_handlers[signum] = signal.getsignal(signum)
-        # The Python-level handler does nothing: the C handler has already
-        # written the signal number to the wakeup pipe, which the loop reads.
-        signal.signal(signum, _noop_signal_handler)
-        try:
-            signal.siginterrupt(signum, False)
-        except (AttributeError, OSError):  # pragma: no cover
-            pass
-
-    def _read_signals(self):
-        try:
-            data = os.read(self._wakeup[0], 4096)
-        except BlockingIOError:  # pragma: no cover
-            return
-        for signum in data:
-            fn = self._signal_handlers.get(signum) if signum else None
-            if fn is not None:
-                self.call_soon(fn, signum)
-
-    # -- running ------------------------------------------------------------
-
-    def stop(self):
-        self._stopping = True
-
-    def run_forever(self):
-        self._stopping = False
-        while not self._stopping:
-            self._run_once()
-
-    def run_until_complete(self, awaitable):
-        """Run until the future/coroutine is done and return its result."""
-        fut = awaitable if isinstance(awaitable, Future) else self.create_task(awaitable)
-        fut.add_done_callback(lambda _f: self.stop())
-        self.run_forever()
-        if not fut.done():  # pragma: no cover  (stop() called by someone else)
-            raise RuntimeError("event loop stopped before the future completed")
-        return fut.result()
-
-    def _run_once(self):
-        timers = self._timers
-        heapq = self._heapq
-        while timers and timers[0].cancelled:
-            heapq.heappop(timers)
-        if self._ready or self._stopping:
-            timeout = 0
-        elif timers:
-            timeout = max(0.0, timers[0].when - self.time())
-        else:
-            timeout = None
-        for fd, readable, writable in self._poller.poll(timeout):
-            handlers = self._handlers.get(fd)
-            if handlers is None:
-                continue
-            reader, writer = handlers
-            if readable and reader:
-                self._ready.append(_Handle(reader[0], reader[1]))
-            if writable and writer:
-                self._ready.append(_Handle(writer[0], writer[1]))
-        now = self.time()
-        while timers and (timers[0].cancelled or timers[0].when <= now):
-            handle = heapq.heappop(timers)
-            if not handle.cancelled:
-                self._ready.append(handle)
-        for _ in range(len(self._ready)):
-            handle = self._ready.popleft()
-            if handle.cancelled:
-                continue
-            try:
-                handle.fn(*handle.args)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException:
-                import traceback
-                self.log("error in event loop callback:\n" + traceback.format_exc().rstrip())
-
-    def close(self):
-        """Restore signal handlers and release the selector and wakeup pipe."""
-        for signum, old in self._old_signal_handlers.items():
-            try:
-                signal.signal(signum, old if old is not None else signal.SIG_DFL)
-            except (OSError, ValueError, TypeError):  # pragma: no cover
-                pass
-        self._old_signal_handlers.clear()
-        self._signal_handlers.clear()
-        if self._wakeup is not None:
-            if self._signals_routed:
-                signal.set_wakeup_fd(self._old_wakeup_fd if self._old_wakeup_fd is not None else -1)
-            self.remove_reader(self._wakeup[0])
-            close_fd(self._wakeup[0])
-            close_fd(self._wakeup[1])
-            self._wakeup = None
-        self._poller.close()
-
-
-def _noop_signal_handler(signum, frame):
-    pass
-
-
-def wait_for(loop, fut, timeout):
-    """Return a future with fut's result, or LoopTimeout after `timeout` seconds.
-
-    `fut` itself is left alone on timeout: it may be shared with other waiters.
-    """
-    out = Future(loop)
-    if timeout is None:
-        fut.add_done_callback(lambda f: _copy_outcome(f, out))
-        return out
-    timer = loop.call_later(timeout, lambda: out.set_exception(LoopTimeout()))
-
-    def done(f):
-        timer.cancel()
-        _copy_outcome(f, out)
-
-    fut.add_done_callback(done)
-    return out
-
-
-def _copy_outcome(src, dst):
-    if src.cancelled():
-        dst.cancel()
-    elif src.exception() is not None:
-        dst.set_exception(src.exception())
-    else:
-        dst.set_result(src.result())
-
-
-def gather(loop, futures):
-    """Return a future of all results, in order; an exception stands in for a failure."""
-    futures = [f if isinstance(f, Future) else loop.create_task(f) for f in futures]
-    out = Future(loop)
-    if not futures:
-        out.set_result([])
-        return out
-    remaining = [len(futures)]
-
-    def one_done(_f):
-        remaining[0] -= 1
-        if remaining[0] == 0:
-            out.set_result([f.exception() or (Cancelled() if f.cancelled() else f.result())
-                            for f in futures])
-
-    for f in futures:
-        f.add_done_callback(one_done)
-    return out
-
-
-class Lock:
-    """A FIFO mutex for coroutines: `await lock.acquire()` ... `lock.release()`."""
-
-    def __init__(self, loop):
-        self._loop = loop
-        self._locked = False
-        self._waiters = []
-
-    def locked(self):
-        return self._locked
-
-    async def acquire(self):
-        if not self._locked:
-            self._locked = True
-            return True
-        fut = Future(self._loop)
-        self._waiters.append(fut)
-        try:
-            await fut
-        except Cancelled:
-            # Handed the lock just as we were cancelled: pass it on, or withdraw.
-            if fut.done() and not fut.cancelled():
-                self.release()
-            else:
-                fut.cancel()
-            raise
-        return True
-
-    def release(self):
-        while self._waiters:
-            fut = self._waiters.pop(0)
-            if not fut.done():
-                fut.set_result(True)
-                return
-        self._locked = False
-
-
-class Event:
-    """Set once; every waiter resumes."""
-
-    def __init__(self, loop):
-        self._fut = Future(loop)
-
-    def is_set(self):
-        return self._fut.done()
-
-    def set(self):
-        self._fut.set_result(True)
-
-    def wait(self):
-        return self._fut
-
-
-def _is_ip_literal(host):
-    import ipaddress
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-async def resolve_address(loop, host, port):
-    """Return a socket address for host:port; names other than localhost resolve in a thread."""
-    import socket
-    if host == "localhost":
-        host = "127.0.0.1"
-    if _is_ip_literal(host):
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return family, (host, port)
-    infos = await loop.run_in_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM)
-    family, _, _, _, addr = infos[0]
-    return family, addr
-
-
-async def tcp_connect(loop, host, port, timeout):
-    """Connect without blocking the loop; return the connected socket or raise OSError."""
-    import socket
-    family, addr = await wait_for(loop, loop.create_task(resolve_address(loop, host, port)), timeout)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setblocking(False)
-    try:
-        err = sock.connect_ex(addr)
-        if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EAGAIN):
-            raise OSError(err, os.strerror(err))
-        if err != 0:
-            writable = Future(loop)
-            loop.add_writer(sock.fileno(), writable.set_result, True)
-            try:
-                await wait_for(loop, writable, timeout)
-            finally:
-                loop.remove_writer(sock.fileno())
-            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                raise OSError(err, os.strerror(err))
-        return sock
-    except BaseException:
-        sock.close()
-        raise
-
-
-async def sock_recv(loop, sock, size, timeout):
-    """Receive up to size bytes without blocking the loop ("" at EOF)."""
-    readable = Future(loop)
-    loop.add_reader(sock.fileno(), readable.set_result, True)
-    try:
-        await wait_for(loop, readable, timeout)
-    finally:
-        loop.remove_reader(sock.fileno())
-    return sock.recv(size)
-
-
-def _https_status(url, timeout):
-    """Blocking GET of an https URL (run in a thread); return the status code."""
-    import ssl
-    import urllib.error
-    import urllib.request
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # a health check probes a local service, often self-signed
-    try:
-        with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
-            return reply.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
-async def http_status(loop, url, timeout):
-    """GET url; return the HTTP status code. http runs on the loop, https in a thread."""
-    scheme, _, rest = url.partition("://")
-    if scheme.lower() == "https":
-        return await wait_for(loop, loop.run_in_thread(_https_status, url, timeout), timeout + 1)
-    hostport, slash, path = rest.partition("/")
-    host, _, port = hostport.rpartition(":") if hostport.rsplit(":", 1)[-1].isdigit() else (hostport, "", "80")
-    host = host.strip("[]") or hostport
-    deadline = loop.time() + timeout
-    sock = await tcp_connect(loop, host, int(port), timeout)
-    try:
-        request = (f"GET {slash}{path} HTTP/1.0\r\nHost: {hostport}\r\nUser-Agent: oxmgr-health\r\n"
-                   f"Connection: close\r\n\r\n").encode()
-        sock.sendall(request)  # a small request into a fresh socket's empty buffer does not block
-        head = b""
-        while b"\r\n" not in head and len(head) < 4096:
-            chunk = await sock_recv(loop, sock, 4096, max(0.0, deadline - loop.time()))
-            if not chunk:
-                break
-            head += chunk
-        parts = head.split(b"\r\n", 1)[0].split()
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            raise OSError(f"not an HTTP reply: {head[:40]!r}")
-        return int(parts[1])
-    finally:
-        sock.close()
-
-# =============================================================================
-# 13. Supervisor core (async)
-# =============================================================================
-
-# The only legal status changes; ManagedProcess._set_status enforces them.
+# What an app is and what it wants lives in one AppState: the status, the
+# user's wish, whether a child exists, and the restart arithmetic. Each event
+# (a request, a spawn, an exit, a timer) is one method that moves the status
+# along _TRANSITIONS and returns a Decision; section 12 carries it out. It
+# never spawns, sleeps or reads a clock of its own, so every edge and every
+# policy is tested without a loop (supervisor's finish() and transition()).
+
+# The only legal status changes; AppState._set enforces them.
 _TRANSITIONS = {
     Status.STOPPED: frozenset({Status.STARTING}),
     Status.STARTING: frozenset({Status.RUNNING, Status.STOPPING, Status.STOPPED, Status.CRASHED,
                                 Status.RESTARTING, Status.ERRORED}),
     Status.RUNNING: frozenset({Status.STOPPING, Status.STOPPED, Status.CRASHED,
                                Status.RESTARTING, Status.ERRORED}),
-    Status.STOPPING: frozenset({Status.STOPPED}),
+    Status.STOPPING: frozenset({Status.STOPPED, Status.STARTING}),   # STARTING: the second half of a restart
     Status.RESTARTING: frozenset({Status.STARTING, Status.STOPPED, Status.ERRORED}),
     Status.CRASHED: frozenset({Status.STARTING, Status.STOPPED}),
     Status.ERRORED: frozenset({Status.STARTING, Status.STOPPED}),
 }
+
+# Statuses in which nothing more will happen until someone asks.
+SETTLED_STATUSES = frozenset({Status.STOPPED, Status.CRASHED, Status.ERRORED})
 
 
 def next_backoff(attempt, base_s, cap_s, factor=DEFAULT_BACKOFF_FACTOR, jitter=BACKOFF_JITTER,
@@ -4483,1127 +4102,692 @@ def should_restart(policy, exit_code, signum, stop_exit_codes=()):
     return signum is not None or exit_code != 0
 
 
-class RestartTracker:
-    """Tell a crash loop from a service that fails now and then.
+class Decision:
+    """What the app runtime must do next: the state machine's only output."""
 
-    An exit before min_uptime is unstable; more than max_restarts unstable
-    exits in a row give up (not a lifetime budget, unlike Oxmgr), as does
-    going over crash_restart_limit restarts within CRASH_WINDOW_S.
+    __slots__ = ("action", "delay")
+    NOTHING, SPAWN, KILL = "nothing", "spawn", "kill"
+
+    def __init__(self, action, delay=0.0):
+        self.action = action    # NOTHING, SPAWN (after delay seconds) or KILL (stop the child)
+        self.delay = delay
+
+    def __eq__(self, other):
+        return isinstance(other, Decision) and (self.action, self.delay) == (other.action, other.delay)
+
+    def __repr__(self):
+        return f"Decision({self.action!r}" + (f", {self.delay:g})" if self.delay else ")")
+
+
+NOTHING = Decision(Decision.NOTHING)
+KILL = Decision(Decision.KILL)
+
+
+class AppState:
+    """The status of one app, what its user wants, and when it restarts.
+
+    Tell a crash loop from a service that fails now and then: an exit before
+    min_uptime is unstable; more than max_restarts unstable exits in a row
+    give up (not a lifetime budget, unlike Oxmgr), as does going over
+    crash_restart_limit restarts within CRASH_WINDOW_S.
     """
 
-    def __init__(self, clock):
-        import collections
+    def __init__(self, record, clock, on_change=None):
+        self.rec = record            # status, desired, counters: persisted with the app
         self._clock = clock
-        self.unstable = 0                       # consecutive exits before min_uptime
-        self.recent = collections.deque()       # times of restarts inside the window
-
-    def reset(self):
-        self.unstable = 0
-        self.recent.clear()
-
-    def on_exit(self, spec, exit_code, signum, uptime_s, what=None):
-        """Return (status, delay_s, reason) for an exit nobody asked for.
-
-        status is RESTARTING (with its delay), STOPPED, CRASHED or ERRORED;
-        `what` describes a failure that is not a plain exit (a failed start).
-        """
-        what = what or describe_exit(exit_code, signum)
-        failed_start = exit_code is None and signum is None
-        if not failed_start and not should_restart(spec.restart_policy, exit_code, signum, spec.stop_exit_codes):
-            clean = exit_code == 0 or (exit_code is not None and exit_code in spec.stop_exit_codes)
-            return (Status.STOPPED if clean else Status.CRASHED), 0.0, what
-        if uptime_s >= spec.min_uptime_s:
-            self.unstable = 0
-        else:
-            self.unstable += 1
-            if self.unstable > spec.max_restarts:
-                return Status.ERRORED, 0.0, (
-                    f"crash loop: {self.unstable} exits in a row before min_uptime "
-                    f"({format_duration(spec.min_uptime_s)}), last {what}; "
-                    f"fix the app, then restart it")
-        if spec.crash_restart_limit:
-            now = self._clock()
-            while self.recent and now - self.recent[0] > CRASH_WINDOW_S:
-                self.recent.popleft()
-            if len(self.recent) >= spec.crash_restart_limit:
-                return Status.ERRORED, 0.0, (
-                    f"restarted {len(self.recent)} times in {format_duration(CRASH_WINDOW_S)} "
-                    f"(crash_restart_limit = {spec.crash_restart_limit}), last {what}; "
-                    f"fix the app, then restart it")
-            self.recent.append(now)
-        if spec.exp_backoff:
-            base = spec.restart_delay_s or DEFAULT_BACKOFF_BASE_S
-            delay = next_backoff(max(0, self.unstable - 1), base, spec.backoff_max_s, spec.backoff_factor)
-        else:
-            delay = spec.restart_delay_s
-        return Status.RESTARTING, delay, what
-
-
-class Reaper:
-    """Collect exited children and hand each status to whoever spawned it.
-
-    With reap_all (the daemon and PID 1), waitpid(-1) also reaps orphans
-    reparented to us; otherwise only registered pids are waited for, so the
-    supervisor can run inside a test process without stealing its children.
-    """
-
-    def __init__(self, reap_all=False):
-        self.reap_all = reap_all
-        self._callbacks = {}
-
-    def watch(self, pid, callback):
-        self._callbacks[pid] = callback
-
-    def forget(self, pid):
-        self._callbacks.pop(pid, None)
-
-    def __len__(self):
-        return len(self._callbacks)
-
-    def reap(self):
-        """Reap every exited child now; call each owner's callback(status)."""
-        if self.reap_all:
-            while True:
-                try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
-                    break
-                if pid == 0:
-                    break
-                self._dispatch(pid, status)
-            return
-        for pid in list(self._callbacks):
-            try:
-                got, status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                got, status = pid, None  # someone else reaped it; the exit status is lost
-            if got:
-                self._dispatch(pid, status)
-
-    def _dispatch(self, pid, status):
-        callback = self._callbacks.pop(pid, None)
-        if callback is not None:
-            callback(status)
-
-
-class _RealChild:
-    """A spawned OS process: its pid leads its own process group."""
-
-    __slots__ = ("popen", "pid")
-
-    def __init__(self, popen):
-        self.popen = popen
-        self.pid = popen.pid
-
-    def signal_group(self, signum):
-        return signal_group(self.pid, signum)
-
-    def group_alive(self):
-        return group_alive(self.pid)
-
-
-def _stamp_lines(data, stamp, at_line_start):
-    """Prefix every line that starts in `data` with `stamp`."""
-    parts = data.split(b"\n")
-    out = []
-    last = len(parts) - 1
-    for i, part in enumerate(parts):
-        if i == last and not part:
-            break  # data ended with a newline: the next line starts later
-        if i > 0 or at_line_start:
-            out.append(stamp + part)
-        else:
-            out.append(part)
-    text = b"\n".join(out)
-    return text + b"\n" if data.endswith(b"\n") else text
-
-
-class _Pump:
-    """Read one child pipe in large chunks and feed the app's log."""
-
-    __slots__ = ("proc", "stream", "fd", "at_line_start", "full_reads")
-
-    def __init__(self, proc, stream, fd):
-        self.proc = proc
-        self.stream = stream
-        self.fd = fd
-        self.at_line_start = True
-        self.full_reads = 0   # reads that filled the chunk; -1 once the pipe was grown
-        proc.loop.add_reader(fd, self.read_once)
-
-    def read_once(self):
-        """Read one chunk; return False at EOF or when the pipe is empty."""
-        if self.fd is None:
-            return False
-        try:
-            data = os.read(self.fd, READ_CHUNK)
-        except BlockingIOError:
-            return False
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-            return False
-        if len(data) == READ_CHUNK and self.full_reads >= 0:
-            # A chatty app: with a bigger pipe it blocks less and we wake less often.
-            self.full_reads += 1
-            if self.full_reads == 8:
-                self.full_reads = -1
-                grow_pipe(self.fd)
-        self.proc._output(self, data)
-        return True
-
-    def drain(self, max_reads=64):
-        """Read what is already in the pipe (the child has exited)."""
-        for _ in range(max_reads):
-            if not self.read_once():
-                return
-
-    def close(self):
-        if self.fd is not None:
-            self.proc.loop.remove_reader(self.fd)
-            close_fd(self.fd)
-            self.fd = None
-            if self in self.proc._pumps:
-                self.proc._pumps.remove(self)
-
-
-class _StartInterrupted(SpawnError):
-    """A stop, restart or delete ended a start that was waiting for readiness."""
-
-
-class ManagedProcess:
-    """One app instance: its child, its log pumps and its restart loop."""
-
-    def __init__(self, sup, record):
-        self.sup = sup
-        self.loop = sup.loop
-        self.rec = record
-        self.child = None            # the live child (None between runs)
-        self.tracker = RestartTracker(sup.clock)
-        self.logs = {}               # "out"/"err" -> RotatingLog, opened on first output
-        self.cpu_percent = None      # of the whole process tree, last sample
-        self.memory_bytes = None
-        self.metrics_samples = 0     # samples taken of this app (lets a client wait for the next)
-        self.deleted = False
-        self._exit_fut = None        # resolves with (code, signum) when the child is reaped
-        self._spawned_at = None      # monotonic time of the last spawn
-        self._pending = None         # task: restart after a delay, or group cleanup
-        self._stopping = False       # a stop() owns the next exit
-        self._lock = Lock(self.loop)
-        self._pumps = []
-        self._err_tail = b""
-        self._ready_fut = None       # resolves when the starting child is ready
-        self._notify = None          # (socket, address) of NOTIFY_SOCKET, once opened
-        self.notify_status = None    # last STATUS= the app sent
-        self.health_status = "none" if not health_kind(record.spec) else "starting"
-        self.health_failures = 0     # failed checks in a row
-        self.health_detail = None
-        self.health_checked_at = None
-        self._health_task = None
-        self._cpu_over = 0           # samples in a row over max_cpu_percent
-        self._limit_pending = False  # a limit restart is under way
-        self._watch_timer = None
-        self._watch_changed = None
-        self._cron_timer = None
-        self._cron_next = None
-        self._launching = False      # marked STARTING by launch(); the spawn is on its way
-        self._retiring = {}          # child -> (exit future, pumps): old processes a reload is retiring
-        self._reloading = False      # reload() owns the replacement's exit until it is ready
-        # Loading from disk: nothing of ours runs yet, whatever the file says.
+        self.on_change = on_change or (lambda old, new, reason: None)
+        self.has_child = False       # a child of ours runs (or is being stopped)
+        self.cause = None            # who asked for the start in progress: "user" or "crash"
+        self.then_start = False      # STOPPING ends in STARTING: a restart
+        self.unstable = 0            # exits before min_uptime, in a row
+        self.recent = collections.deque()   # times of restarts inside CRASH_WINDOW_S
+        # Loaded from disk: nothing of ours runs yet, whatever the file says.
         if record.status in ALIVE_STATUSES:
             record.status = Status.STOPPED
         record.pid = None
 
     @property
-    def spec(self):
-        return self.rec.spec
+    def status(self):
+        return self.rec.status
 
     @property
-    def name(self):
-        return self.rec.spec.name
+    def settled(self):
+        """True when the app waits for nobody: stopped, crashed or errored."""
+        return self.rec.status in SETTLED_STATUSES
 
-    # -- status -------------------------------------------------------------
-
-    def _set_status(self, new, reason=None):
-        """The one place a status changes: checks _TRANSITIONS, logs, persists."""
+    def _set(self, new, reason=None):
+        """The one place a status changes: checks _TRANSITIONS, then tells on_change."""
         old = self.rec.status
         if new != old and new not in _TRANSITIONS[old]:
-            raise AssertionError(f"{self.name}: illegal transition {old} -> {new}")
+            raise AssertionError(f"{self.rec.spec.name}: illegal transition {old} -> {new}")
         self.rec.status = new
         self.rec.status_reason = reason
-        self.sup.status_changed(self, old, new, reason)
+        self.on_change(old, new, reason)
 
-    # -- output -------------------------------------------------------------
+    def note(self, reason):
+        """Change the reason shown with an unchanged status (a reload that failed)."""
+        self._set(self.rec.status, reason)
 
-    def log_path(self, stream):
-        """Return the file of "out", "err" or "combined" (None: no combined log)."""
-        spec = self.spec
-        custom = {"out": spec.out_file, "err": spec.err_file, "combined": spec.combined_file}[stream]
-        if custom or stream == "combined":
-            return custom
-        return self.sup.home.log_path(spec.base_name if spec.merge_logs and spec.base_name else spec.name, stream)
+    def reset(self):
+        """Zero the restart counters (`reset`, and every start a user asks for)."""
+        self.unstable = 0
+        self.recent.clear()
 
-    def log(self, stream):
-        log = self.logs.get(stream)
-        if log is None:
-            spec = self.spec
-            default = self.sup.log_policy
-            policy = LogPolicy(default.max_bytes if spec.log_max_bytes is None else spec.log_max_bytes,
-                               default.max_files if spec.log_max_files is None else spec.log_max_files,
-                               default.max_age_s if spec.log_max_age_s is None else spec.log_max_age_s)
-            log = self.logs[stream] = self.sup.acquire_log(self.log_path(stream), policy)
-        return log
+    # -- requests ----------------------------------------------------------------
 
-    def _output(self, pump, data):
-        fmt = self.spec.log_date_format
-        if fmt:
-            stamp = (format_timestamp(fmt) + ": ").encode()
-            at_start = pump.at_line_start
-            pump.at_line_start = data.endswith(b"\n")
-            data = _stamp_lines(data, stamp, at_start)
-        if pump.stream == "err":
-            self._err_tail = (self._err_tail + data)[-4096:]
-        streams = (pump.stream, "combined") if self.spec.combined_file else (pump.stream,)
-        for stream in streams if self.sup.write_logs else ():
-            try:
-                self.log(stream).write(data)
-            except OSError as exc:
-                self.sup.log_once(f"{self.name}: cannot write {self.log_path(stream)!r}: {exc}")
-        self.sup.emit_output(self, pump.stream, data)
+    def request_start(self):
+        """A user (or a config, or a daemon start) wants the app running."""
+        self.rec.desired = "running"
+        if self.rec.status in ALIVE_STATUSES:
+            return NOTHING  # running, starting or about to restart already
+        self.reset()
+        self.cause = "user"
+        self._set(Status.STARTING)  # STOPPED/CRASHED/ERRORED -> STARTING
+        return Decision(Decision.SPAWN, self.rec.spec.start_delay_s)
 
-    def stderr_tail(self, n=STDERR_TAIL_LINES):
-        """Return the last stderr lines (for crash reports)."""
-        lines = self._err_tail.decode("utf-8", "replace").splitlines()
-        return lines[-n:]
+    def request_stop(self, desired="stopped"):
+        """Stop: a child is killed, a start that has not spawned or a pending restart just ends.
 
-    def close_logs(self):
-        for pump in list(self._pumps):
-            pump.close()
-        for log in self.logs.values():
-            self.sup.release_log(log)
-        self.logs = {}
-
-    # -- spawning and exits ---------------------------------------------------
-
-    def needs_ready(self):
-        """True when a start waits for readiness (wait_ready or ready_tcp)."""
-        return self.spec.wait_ready or bool(self.spec.ready_tcp)
-
-    def _spawn(self):
-        """Start the child now. Raises SpawnError.
-
-        The status becomes RUNNING, or stays STARTING until the app is ready.
+        `desired` is what a later daemon start should do: "stopped" for a
+        user's stop, None to keep the user's wish (daemon shutdown).
         """
-        spec = self.spec
-        try:
-            argv = resolve_argv(spec)
-        except ValueError as exc:
-            raise SpawnError(str(exc), EXIT_NOT_FOUND) from None
-        env = child_environment(spec, self.rec.base_env, self.rec.id)
-        if spec.wait_ready:
-            env["NOTIFY_SOCKET"] = self._open_notify()
-        listen_fds = [sock.fileno() for sock in self.sup.held_sockets(self)] if spec.listen else []
-        if listen_fds:
-            env["LISTEN_FDS"] = str(len(listen_fds))
-            env["LISTEN_FDNAMES"] = ":".join([spec.base_name or spec.name] * len(listen_fds))
-        out_r, out_w = make_pipe()
-        err_r, err_w = make_pipe()
-        try:
-            child = self.sup.spawner(argv, spec.cwd, env, out_w, err_w, listen_fds=listen_fds)
-        except BaseException:
-            close_fd(out_r)
-            close_fd(err_r)
-            raise
-        finally:
-            close_fd(out_w)
-            close_fd(err_w)
-        self.child = child
-        self._exit_fut = Future(self.loop)
-        self._spawned_at = self.sup.clock()
-        rec = self.rec
-        rec.pid = rec.pgid = child.pid
-        rec.started_at = time.time()
-        stats = read_stats(child.pid) if isinstance(child, _RealChild) else None
-        rec.start_ticks = stats.start_ticks if stats else None
-        self.cpu_percent = self.memory_bytes = None
-        self._cpu_over = 0
-        self.health_failures = 0
-        self.health_status = "starting" if health_kind(spec) else "none"
-        self._pumps.append(_Pump(self, "out", out_r))
-        self._pumps.append(_Pump(self, "err", err_r))
-        self.sup.watch_child(child, lambda status, child=child: self._on_exit(child, status))
-        if self.needs_ready():
-            self._ready_fut = Future(self.loop)
-        else:
-            self._set_status(Status.RUNNING, None)
-            self._start_health_loop()
+        if desired is not None:
+            self.rec.desired = desired
+        self.then_start = False
+        if self.has_child:
+            self._set(Status.STOPPING, "stop requested")  # RUNNING/STARTING -> STOPPING
+            return KILL
+        if self.rec.status in (Status.STARTING, Status.RESTARTING, Status.RUNNING):
+            self._set(Status.STOPPED, "stopped")  # STARTING/RESTARTING -> STOPPED
+        return NOTHING
 
-    def _on_exit(self, child, wait_status):
-        """Called by the reaper for each of our children, current or retiring."""
-        if child is self.child:
-            self._child_exited(wait_status)
-            return
-        run = self._retiring.pop(child, None)
-        code, signum = decode_wait_status(wait_status) if wait_status is not None else (None, None)
-        if isinstance(child, _RealChild):
-            child.popen.returncode = exit_code_number(code, signum)
-        if run is not None:
-            exit_fut, pumps = run
-            for pump in pumps:
-                pump.drain()
-            exit_fut.set_result((code, signum))
+    def request_restart(self, count=True):
+        """Restart: stop the child first (its port must be free), then start; a dead app just starts.
 
-    def _child_exited(self, wait_status):
-        """The current child exited: record the exit, then restart or settle."""
-        code, signum = decode_wait_status(wait_status) if wait_status is not None else (None, None)
-        child, self.child = self.child, None
-        if child is None:
-            return
-        if isinstance(child, _RealChild):
-            # Popen would otherwise waitpid() this pid later, when it may belong to someone else.
-            child.popen.returncode = exit_code_number(code, signum)
-        # Completion needs both events: the exit and the output drained, so
-        # the last lines are in the log before the status says "crashed".
-        for pump in list(self._pumps):
-            pump.drain()
-        uptime = self.sup.clock() - (self._spawned_at or self.sup.clock())
-        rec = self.rec
-        rec.pid = None
-        rec.last_exit_code, rec.last_signal = code, signum
-        self._stop_health_loop()
-        fut, self._exit_fut = self._exit_fut, None
-        if fut is not None:
-            fut.set_result((code, signum))
-        ready, self._ready_fut = self._ready_fut, None
-        if ready is not None and not ready.done():
-            ready.set_exception(SpawnError(f"{self.name!r} {describe_exit(code, signum)} before it was ready"))
-        if self._stopping or self._reloading or self.deleted:
-            return  # stop() or reload() owns this exit
-        self._after_exit(code, signum, uptime, child.pid)
-
-    def _after_exit(self, code, signum, uptime, pgid, what=None):
-        status, delay, reason = self.tracker.on_exit(self.spec, code, signum, uptime, what)
-        if status == Status.RESTARTING:
+        `count`: a restart counts in restart_count (apply's replace does not).
+        """
+        self.rec.desired = "running"
+        if count and self.rec.status in ALIVE_STATUSES:
             self.rec.restart_count += 1
-            note = f"{reason}; restarting" + (f" in {format_duration(round(delay, 3))}" if delay else "")
-            # Queue the respawn before the status change queues the (fsynced) state save:
-            # the new process should not wait for the disk.
-            self._pending = self.sup.background(self._restart_later(delay, pgid), self.name)
-            # RUNNING/STARTING -> RESTARTING
-            self._set_status(Status.RESTARTING, note)
-            return
-        if status == Status.ERRORED:
-            tail = self.stderr_tail(3)
-            if tail:
-                reason += "; stderr: " + " | ".join(tail)[-300:]
-        else:
+        if self.has_child:
+            self.then_start = True
+            self._set(Status.STOPPING, "restart requested")  # RUNNING/STARTING -> STOPPING
+            return KILL
+        self.reset()
+        self.cause = "user"
+        self._set(Status.STARTING)  # STOPPED/CRASHED/ERRORED/RESTARTING -> STARTING
+        return Decision(Decision.SPAWN, self.rec.spec.start_delay_s)
+
+    def stopped(self, killed):
+        """The stopped child and its group are gone."""
+        self.has_child = False
+        if self.then_start:
+            self.then_start = False
+            self.reset()
+            self.cause = "user"
+            self._set(Status.STARTING)  # STOPPING -> STARTING
+            return Decision(Decision.SPAWN, self.rec.spec.start_delay_s)
+        self._set(Status.STOPPED, "killed after stop_timeout" if killed else "stopped")  # STOPPING -> STOPPED
+        return NOTHING
+
+    # -- the child's life -----------------------------------------------------
+
+    def spawned(self, needs_ready):
+        """The child runs; without a readiness rule the app is running now."""
+        self.has_child = True
+        if not needs_ready:
+            self._set(Status.RUNNING)  # STARTING -> RUNNING
+
+    def ready(self, how):
+        self._set(Status.RUNNING, f"ready: {how}")  # STARTING -> RUNNING
+
+    def spawn_failed(self, what, code=None):
+        """The start failed (no program, not ready in time): a user's start gives up, a crash restart counts it."""
+        self.has_child = False
+        if code is not None:
+            self.rec.last_exit_code, self.rec.last_signal = code, None
+        if self.cause == "crash":
+            return self._after_exit(None, None, 0.0, what, "")  # STARTING -> RESTARTING/ERRORED
+        self._set(Status.ERRORED, what)  # STARTING -> ERRORED
+        return NOTHING
+
+    def exited(self, code, signum, uptime_s, stderr_tail=""):
+        """The child exited: a stop carries on; otherwise the restart policy decides."""
+        self.has_child = False
+        self.rec.last_exit_code, self.rec.last_signal = code, signum
+        if self.rec.status == Status.STOPPING:
+            return NOTHING  # the stop that asked for it sweeps the group, then calls stopped()
+        return self._after_exit(code, signum, uptime_s, describe_exit(code, signum), stderr_tail)
+
+    def restart_due(self):
+        """The restart delay is over: spawn again, unless a user settled the app meanwhile."""
+        if self.rec.status != Status.RESTARTING:
+            return NOTHING
+        self.cause = "crash"
+        self._set(Status.STARTING)  # RESTARTING -> STARTING
+        return Decision(Decision.SPAWN)
+
+    def _after_exit(self, code, signum, uptime_s, what, stderr_tail):
+        spec = self.rec.spec
+        failed_start = code is None and signum is None
+        if not failed_start and not should_restart(spec.restart_policy, code, signum, spec.stop_exit_codes):
+            clean = code == 0 or (code is not None and code in spec.stop_exit_codes)
             self.rec.desired = "exited"  # it finished: a daemon restart will not rerun it; cron may
-        # RUNNING -> STOPPED / CRASHED / ERRORED
-        self._set_status(status, reason)
-        if pgid and group_alive(pgid):
-            self._pending = self.sup.background(self._reap_group(pgid, signal_stop=True), self.name)
+            self._set(Status.STOPPED if clean else Status.CRASHED, what)  # RUNNING -> STOPPED/CRASHED
+            return NOTHING
+        give_up = None
+        if uptime_s >= spec.min_uptime_s:
+            self.unstable = 0
         else:
-            self.rec.pgid = None
-
-    async def _restart_later(self, delay, pgid):
-        if pgid and group_alive(pgid):
-            await self._reap_group(pgid, signal_stop=True)
-        if delay > 0:
-            await self.loop.sleep(delay)
-        self._pending = None
-        # RESTARTING -> STARTING -> RUNNING
-        self._set_status(Status.STARTING)
-        try:
-            self._spawn()
-        except SpawnError as exc:
-            self.rec.last_exit_code, self.rec.last_signal = exc.code, None
-            # A spawn failure counts as an unstable exit: STARTING -> RESTARTING/ERRORED
-            self._after_exit(exc.code, None, 0.0, None, what=str(exc))
-            return
-        if self.needs_ready():
-            try:
-                await self._become_ready()
-            except SpawnError as exc:
-                if self.child is not None:  # not ready in time: a failed start, as a crash would be
-                    pgid = self.child.pid
-                    await self._kill_child()
-                    self._after_exit(None, None, 0.0, pgid, what=str(exc))
-
-    async def _reap_group(self, pgid, signal_stop=False, deadline=None):
-        """Wait until the process group is empty; SIGKILL it at the deadline.
-
-        Members that outlive the leader would keep the port or the pipe; they
-        get the stop signal (when asked) and then SIGKILL, as systemd's
-        control-group kill mode does.
-        """
-        if signal_stop:
-            signal_group(pgid, parse_signal(self.spec.stop_signal))
-        if deadline is None:
-            deadline = self.loop.time() + self.spec.stop_timeout_s
-        pause = 0.005
-        killed_at = None
-        while group_alive(pgid):
-            now = self.loop.time()
-            if killed_at is None and now >= deadline:
-                signal_group(pgid, signal.SIGKILL)
-                killed_at = now
-            elif killed_at is not None and now - killed_at > 5.0:
-                self.sup.log(f"{self.name}: process group {pgid} survives SIGKILL (stuck in the kernel?)")
-                return
-            await self.loop.sleep(pause)
-            pause = min(pause * 2, 0.1)
-        if self.rec.pgid == pgid and self.child is None:
-            # Gone for good: a group id kept longer could be reused by a stranger.
-            self.rec.pgid = None
-            self.sup.save_soon()
-
-    async def _kill_child(self):
-        """Stop the current child and its group (stop signal, SIGKILL after stop_timeout).
-
-        The exit belongs to the caller: no restart follows. Returns True when
-        SIGKILL was needed.
-        """
-        child = self.child
-        if child is None:
-            return False
-        spec = self.spec
-        self._stopping = True
-        try:
-            deadline = self.loop.time() + spec.stop_timeout_s
-            exit_fut = self._exit_fut
-            child.signal_group(parse_signal(spec.stop_signal))
-            try:
-                await wait_for(self.loop, exit_fut, spec.stop_timeout_s)
-            except LoopTimeout:
-                child.signal_group(signal.SIGKILL)
-                try:
-                    await wait_for(self.loop, exit_fut, 10.0)
-                except LoopTimeout:
-                    self.sup.log(f"{self.name}: pid {child.pid} survives SIGKILL")
-            await self._reap_group(child.pid, deadline=deadline)
-            return self.rec.last_signal == signal.SIGKILL
-        finally:
-            self._stopping = False
-
-    def _cancel_pending(self):
-        if self._pending is not None:
-            self._pending.cancel()
-            self._pending = None
-
-    def _interrupt_start(self, reason):
-        """A stop/restart/delete is coming: end a start that waits for readiness."""
-        if self._ready_fut is not None and not self._ready_fut.done():
-            self._ready_fut.set_exception(_StartInterrupted(reason))
-
-    # -- readiness -------------------------------------------------------------
-
-    def _open_notify(self):
-        """Open this app's NOTIFY_SOCKET (systemd's sd_notify protocol); return its address."""
-        if self._notify is not None:
-            return self._notify[1]
-        import socket
-        path = self.sup.home.notify_path(self.rec.id)
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        _unlink_quiet(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        if len(os.fsencode(path)) >= 100 and _LINUX:
-            # too long for sun_path: an abstract name, which sd_notify spells with a leading @
-            address = f"@oxmgr-{os.getuid()}-{abs(_stable_number(path))}"
-            sock.bind("\0" + address[1:])
-        else:
-            address = path
-            old_umask = os.umask(0o177)
-            try:
-                sock.bind(path)
-            finally:
-                os.umask(old_umask)
-        sock.setblocking(False)
-        self.loop.add_reader(sock.fileno(), self._on_notify)
-        self._notify = (sock, address)
-        return address
-
-    def _close_notify(self):
-        if self._notify is not None:
-            sock, address = self._notify
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
-            if not address.startswith("@"):
-                _unlink_quiet(address)
-            self._notify = None
-
-    def _on_notify(self):
-        sock = self._notify[0]
-        while True:
-            try:
-                data = sock.recv(4096)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            for line in data.decode("utf-8", "replace").splitlines():
-                key, _, value = line.partition("=")
-                if key == "READY" and value == "1":
-                    if self._ready_fut is not None and not self._ready_fut.done():
-                        self._ready_fut.set_result("READY=1")
-                elif key == "STATUS":
-                    self.notify_status = value[:200]
-
-    async def _poll_ready_tcp(self, fut):
-        host, _, port = self.spec.ready_tcp.rpartition(":")
-        while not fut.done():
-            try:
-                sock = await tcp_connect(self.loop, host.strip("[]"), int(port), 1.0)
-            except (OSError, LoopTimeout):
-                await self.loop.sleep(0.05)
-                continue
-            sock.close()
-            fut.set_result(f"{self.spec.ready_tcp} accepts")
-
-    async def _poll_ready_health(self, fut):
-        while not fut.done():
-            ok, detail = await self.check_health()
-            if ok:
-                self._record_health(True, detail)
-                fut.set_result(f"health check passed ({detail})")
+            self.unstable += 1
+            if self.unstable > spec.max_restarts:
+                give_up = (f"crash loop: {self.unstable} exits in a row before min_uptime "
+                           f"({format_duration(spec.min_uptime_s)}), last {what}")
+        if give_up is None and spec.crash_restart_limit:
+            now = self._clock()
+            while self.recent and now - self.recent[0] > CRASH_WINDOW_S:
+                self.recent.popleft()
+            if len(self.recent) >= spec.crash_restart_limit:
+                give_up = (f"restarted {len(self.recent)} times in {format_duration(CRASH_WINDOW_S)} "
+                           f"(crash_restart_limit = {spec.crash_restart_limit}), last {what}")
             else:
-                await self.loop.sleep(0.2)
+                self.recent.append(now)
+        if give_up is not None:
+            reason = give_up + "; fix the app, then restart it"
+            if stderr_tail:
+                reason += "; stderr: " + stderr_tail[-300:]
+            self._set(Status.ERRORED, reason)  # RUNNING/STARTING -> ERRORED
+            return NOTHING
+        if spec.exp_backoff:
+            base = spec.restart_delay_s or DEFAULT_BACKOFF_BASE_S
+            delay = next_backoff(max(0, self.unstable - 1), base, spec.backoff_max_s, spec.backoff_factor)
+        else:
+            delay = spec.restart_delay_s
+        self.rec.restart_count += 1
+        self._set(Status.RESTARTING, f"{what}; restarting" + (  # RUNNING/STARTING -> RESTARTING
+            f" in {format_duration(round(delay, 3))}" if delay else ""))
+        return Decision(Decision.SPAWN, delay)
+# =============================================================================
+# 12. App runtime (async): one run of one child, the app, its rules
+# =============================================================================
+#
+# The async side carries out what section 11 decides. A Run is one child:
+# its pipes go through the line framer into the logs, its exit is a future,
+# and stop_tree() is the one stop routine (TERM, KILL after the timeout, then
+# the rest of the group). An App owns one AppState and one lock that every
+# operation takes, crash restarts included, and _launch() is the one way a
+# child starts. Health, limits, watch and cron are small rules that ask the
+# app to restart, with a reason.
 
-    async def _become_ready(self):
-        """Wait until the app is ready, then mark it RUNNING; raise SpawnError if it is not."""
-        spec = self.spec
-        fut = self._ready_fut
-        waits = []
-        pollers = []
-        if spec.wait_ready:
-            waits.append("READY=1 on NOTIFY_SOCKET")
-            if health_kind(spec):
-                waits.append("a passing health check")
-                pollers.append(self.sup.background(self._poll_ready_health(fut), self.name))
-        if spec.ready_tcp:
-            waits.append(f"{spec.ready_tcp} to accept")
-            pollers.append(self.sup.background(self._poll_ready_tcp(fut), self.name))
+asyncio = None  # imported lean by load_asyncio() when a daemon or a runtime starts; the CLI never needs it
+
+
+def load_asyncio():
+    """Import asyncio without ssl (~4 MiB and ~5 ms less), then give ssl back for https checks.
+
+    asyncio imports ssl in a try/except and runs without it.
+    """
+    global asyncio
+    if asyncio is None:
+        blocked = "ssl" not in sys.modules
+        if blocked:
+            sys.modules["ssl"] = None
         try:
-            how = await wait_for(self.loop, fut, spec.ready_timeout_s)
-        except LoopTimeout:
-            raise SpawnError(f"{self.name!r} was not ready within {format_duration(spec.ready_timeout_s)} "
-                             f"(waited for {' or '.join(waits)}); it was stopped") from None
+            import asyncio as module
         finally:
-            for task in pollers:
-                task.cancel()
-            if self._ready_fut is fut:
-                self._ready_fut = None
-        # STARTING -> RUNNING
-        self._set_status(Status.RUNNING, f"ready: {how}")
-        self._start_health_loop()
+            if blocked and sys.modules.get("ssl", 0) is None:
+                del sys.modules["ssl"]
+        asyncio = module
+    return asyncio
 
-    # -- health checks -------------------------------------------------------------
 
-    async def check_health(self):
-        """Run the app's health check once; return (healthy, detail)."""
-        spec = self.spec
+class _StartInterrupted(SpawnError):
+    """A stop, restart or delete ended a start that was waiting (start delay, readiness)."""
+
+
+class _Pipe:
+    """One output pipe of a run, as an asyncio protocol: chunks in, EOF noted."""
+
+    __slots__ = ("run", "stream", "transport", "full_reads")
+
+    def __init__(self, run, stream):
+        self.run = run
+        self.stream = stream
+        self.transport = None
+        self.full_reads = 0   # reads that emptied a full pipe; -1 once the pipe was grown
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        if len(data) >= READ_CHUNK and self.full_reads >= 0:
+            # A chatty app: with a bigger pipe it blocks less and we wake less often.
+            self.full_reads += 1
+            if self.full_reads == CHATTY_READS:
+                self.full_reads = -1
+                self.run.engine.driver.grow_pipe(self.transport.get_extra_info("pipe").fileno())
+        self.run._output(self.stream, data)
+
+    def eof_received(self):
+        return False
+
+    def connection_lost(self, exc):
+        self.run._pipe_closed(self.stream)
+
+
+class _Notify:
+    """An app's NOTIFY_SOCKET, as an asyncio datagram protocol."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def connection_made(self, transport):
+        pass
+
+    def datagram_received(self, data, addr):
+        self.app._on_notify(data)
+
+    def error_received(self, exc):
+        pass
+
+    def connection_lost(self, exc):
+        pass
+
+
+class Run:
+    """One spawn of a command: its child, its output pipes, its exit.
+
+    `exited` resolves with (code, signum) once the child is reaped and its
+    pipes are drained (or DRAIN_GRACE_S has passed while a grandchild holds
+    them open): completion needs both, so the last lines are in the log before
+    anyone acts on the exit.
+    """
+
+    def __init__(self, engine, child, on_output, on_exit=None):
+        self.engine = engine
+        self.child = child
+        self.pid = child.pid
+        self.started_at = time.time()
+        self.spawned_at = engine.loop.time()
+        self.exited = engine.loop.create_future()
+        self._on_output = on_output     # fn(stream, chunk of whole lines, chunk starts a line)
+        self._on_exit = on_exit         # fn(run), once exited is resolved
+        self._framers = {"out": LineBuffer(), "err": LineBuffer()}
+        self._open = 2                  # pipes not closed yet
+        self._status = None             # (code, signum) once reaped
+        self._grace = None
+        self.transports = {}            # "out"/"err" -> asyncio read pipe transport
+        engine.reaper.watch(child.pid, self._reaped)
+
+    @classmethod
+    async def start(cls, engine, argv, cwd, env, listen_fds=(), on_output=None, on_exit=None):
+        """Spawn argv and connect its pipes; SpawnError if it cannot start."""
+        child = engine.driver.spawn(argv, cwd, env, listen_fds)
+        run = cls(engine, child, on_output or (lambda stream, chunk, starts: None), on_exit)
+        loop = engine.loop
+        try:
+            for stream, pipe in (("out", child.stdout), ("err", child.stderr)):
+                run.transports[stream], _ = await loop.connect_read_pipe(lambda s=stream: _Pipe(run, s), pipe)
+        except OSError as exc:  # pragma: no cover  (out of descriptors)
+            engine.driver.kill_tree(run.pid, engine.driver.kill_signal)
+            raise SpawnError(f"cannot read the output of {argv[0]!r}: {exc}") from None
+        return run
+
+    def _output(self, stream, data):
+        framer = self._framers[stream]
+        starts = framer.at_line_start
+        chunk = framer.feed(data)
+        if chunk:
+            self._on_output(stream, chunk, starts)
+
+    def _flush(self, stream):
+        framer = self._framers[stream]
+        starts = framer.at_line_start
+        rest = framer.flush()
+        if rest:
+            self._on_output(stream, rest, starts)
+
+    def _pipe_closed(self, stream):
+        self._flush(stream)
+        self._open -= 1
+        if self._open == 0 and self._status is not None:
+            self._finish()
+
+    def _reaped(self, code, signum):
+        self.child.reaped(exit_code_number(code, signum))
+        self._status = (code, signum)
+        if self._open == 0:
+            self._finish()
+        else:
+            self._grace = self.engine.loop.call_later(DRAIN_GRACE_S, self._finish)
+
+    def _finish(self):
+        if self.exited.done():
+            return
+        if self._grace is not None:
+            self._grace.cancel()
+        for stream in ("out", "err"):
+            self._flush(stream)  # a last line without a newline
+        self.exited.set_result(self._status)
+        if self._on_exit is not None:
+            self._on_exit(self)
+
+    def close(self):
+        """Stop reading the pipes (the engine is closing; a grandchild may hold them open for good)."""
+        for transport in self.transports.values():
+            transport.close()
+
+    def signal(self, signum):
+        """Send a signal to the run's process tree; False when it is gone."""
+        return self.engine.driver.kill_tree(self.pid, signum)
+
+    async def stop(self, signum, timeout):
+        """Stop the whole tree (see stop_tree); True when SIGKILL was needed."""
+        return await stop_tree(self.engine, self.pid, signum, timeout, self.exited)
+
+
+async def stop_tree(engine, tree, signum, timeout, exited=None):
+    """Stop a process tree: `signum`, then SIGKILL after `timeout`, until no member is left.
+
+    The one stop routine: stop, restart, a reload's retire, health commands,
+    shutdown and the leftovers of a killed daemon. The leader's exit (when it
+    is our child) is an event; members that outlive it are not our children,
+    so they are polled, as systemd's control-group kill mode does. Returns
+    True when SIGKILL was needed.
+    """
+    driver, loop = engine.driver, engine.loop
+    deadline = loop.time() + timeout
+    killed = False
+    driver.kill_tree(tree, signum)
+    if exited is not None and not exited.done():
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), timeout)
+        except asyncio.TimeoutError:
+            killed = True
+            driver.kill_tree(tree, driver.kill_signal)
+            try:
+                await asyncio.wait_for(asyncio.shield(exited), KILL_WAIT_S)
+            except asyncio.TimeoutError:
+                engine.log(f"pid {tree} survives SIGKILL (stuck in the kernel?)")
+                return True
+    killed_at = loop.time() if killed else None
+    pause = 0.005
+    while driver.tree_alive(tree):
+        now = loop.time()
+        if killed_at is None and now >= deadline:
+            driver.kill_tree(tree, driver.kill_signal)
+            killed, killed_at = True, now
+        elif killed_at is not None and now - killed_at > KILL_WAIT_S:
+            engine.log(f"process group {tree} survives SIGKILL (stuck in the kernel?)")
+            break
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.1)
+    return killed
+
+
+async def run_command(engine, command, env, cwd, timeout):
+    """Run a shell command (a health check); return (exit code or None on timeout, its output's tail)."""
+    chunks = []
+
+    def keep(stream, chunk, starts):
+        chunks.append(chunk)
+        del chunks[:-8]  # the tail is what explains a failure
+
+    try:
+        run = await Run.start(engine, list(engine.driver.shell) + [command], cwd, env, on_output=keep)
+    except SpawnError as exc:
+        return EXIT_NOT_FOUND, str(exc)
+    try:
+        code = exit_code_number(*await asyncio.wait_for(asyncio.shield(run.exited), timeout))
+    except asyncio.TimeoutError:
+        await run.stop(engine.driver.kill_signal, 0)
+        code = None
+    except asyncio.CancelledError:
+        engine.driver.kill_tree(run.pid, engine.driver.kill_signal)  # a check is never left behind
+        run.close()
+        raise
+    return code, b"".join(chunks)[-4096:].decode("utf-8", "replace")
+
+
+async def _open_tcp(host, port, timeout):
+    """Open a TCP connection; localhost is 127.0.0.1, so no resolver thread is needed."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection("127.0.0.1" if host == "localhost" else host, port), timeout)
+    return reader, writer
+
+
+def _https_status(url, timeout):
+    """Blocking GET of an https URL (run in a thread); return the status code."""
+    import ssl
+    import urllib.error
+    import urllib.request
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # a health check probes a local service, often self-signed
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as reply:
+            return reply.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def http_status(url, timeout):
+    """GET url; return the HTTP status code. http runs on the loop, https in a thread."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() == "https":
+        loop = asyncio.get_running_loop()
+        return await asyncio.wait_for(loop.run_in_executor(None, _https_status, url, timeout), timeout + 1)
+    hostport, slash, path = rest.partition("/")
+    host, port = split_host_port(hostport) if hostport.rsplit(":", 1)[-1].isdigit() else (hostport.strip("[]"), 80)
+    reader, writer = await _open_tcp(host, port, timeout)
+    try:
+        writer.write(f"GET {slash}{path} HTTP/1.0\r\nHost: {hostport}\r\nUser-Agent: oxmgr-health\r\n"
+                     f"Connection: close\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+    parts = head.split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise OSError(f"not an HTTP reply: {head[:40]!r}")
+    return int(parts[1])
+
+
+async def tcp_accepts(hostport, timeout):
+    """Return once host:port accepts a connection; OSError or a timeout otherwise."""
+    _, writer = await _open_tcp(*split_host_port(hostport), timeout)
+    writer.close()
+
+
+# -- rules: health, limits, watch, cron --------------------------------------------
+
+
+class Health:
+    """health_cmd, health_http or health_tcp, every interval while the app runs.
+
+    After health_max_failures failed checks in a row the app is restarted.
+    The same check also tells readiness (wait_ready with a health rule).
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.kind = health_kind(app.spec)
+        self.status = "starting" if self.kind else "none"
+        self.failures = 0          # failed checks in a row
+        self.detail = None
+        self.checked_at = None
+        self._task = None
+
+    def spawned(self):
+        self.failures = 0
+        self.status = "starting" if self.kind else "none"
+
+    def running(self):
+        self.stop()
+        if self.kind:
+            self._task = self.app.engine.background(self._loop(), self.app.name)
+
+    def stop(self):
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    async def check(self):
+        """Run the check once; return (healthy, detail)."""
+        spec = self.app.spec
         timeout = spec.health_timeout_s
         try:
             if spec.health_cmd:
-                env = child_environment(spec, self.rec.base_env, self.rec.id)
-                code, output = await self.sup.run_command(spec.health_cmd, env, spec.cwd, timeout)
+                env = child_environment(spec, self.app.rec.base_env, self.app.rec.id)
+                code, output = await run_command(self.app.engine, spec.health_cmd, env, spec.cwd, timeout)
                 if code is None:
                     return False, f"health_cmd timed out after {format_duration(timeout)}"
                 last = output.strip().splitlines()[-1][:120] if output.strip() else ""
                 return code == 0, f"health_cmd exit {code}" + (f": {last}" if last else "")
             if spec.health_http:
-                status = await http_status(self.loop, spec.health_http, timeout)
+                status = await http_status(spec.health_http, timeout)
                 return 200 <= status < 300, f"HTTP {status}"
             if spec.health_tcp:
-                host, _, port = spec.health_tcp.rpartition(":")
-                sock = await tcp_connect(self.loop, host.strip("[]"), int(port), timeout)
-                sock.close()
+                await tcp_accepts(spec.health_tcp, timeout)
                 return True, f"{spec.health_tcp} accepts"
-        except LoopTimeout:
+        except asyncio.TimeoutError:
             return False, f"no answer within {format_duration(timeout)}"
         except OSError as exc:
             return False, exc.strerror or str(exc)
         return True, "no check"
 
-    def _record_health(self, ok, detail):
-        self.health_checked_at = time.time()
-        self.health_detail = detail
-        self.health_failures = 0 if ok else self.health_failures + 1
+    def record(self, ok, detail):
+        self.checked_at = time.time()
+        self.detail = detail
+        self.failures = 0 if ok else self.failures + 1
         status = "healthy" if ok else "unhealthy"
-        if status != self.health_status:
-            self.health_status = status
-            self.sup.log(f"{self.name}: {status} ({detail})")
-            for fn in list(self.sup.health_listeners):
-                fn(self, status, detail)
+        if status != self.status:
+            self.status = status
+            self.app.engine.log(f"{self.app.name}: {status} ({detail})")
+            self.app.engine.emit("health", self.app, status=status, detail=detail)
 
-    def _start_health_loop(self):
-        self._stop_health_loop()
-        if health_kind(self.spec):
-            self._health_task = self.sup.background(self._health_loop(), self.name)
-
-    def _stop_health_loop(self):
-        if self._health_task is not None:
-            self._health_task.cancel()
-            self._health_task = None
-
-    async def _health_loop(self):
-        spec = self.spec
-        while self.child is not None:
-            await self.loop.sleep(spec.health_interval_s)
-            if self.child is None or self.rec.status != Status.RUNNING:
+    async def _loop(self):
+        app, spec = self.app, self.app.spec
+        while True:
+            await asyncio.sleep(spec.health_interval_s)
+            if app.state.status != Status.RUNNING:
                 continue
-            ok, detail = await self.check_health()
-            if self.child is None:
+            ok, detail = await self.check()
+            if app.state.status != Status.RUNNING:
+                continue
+            self.record(ok, detail)
+            if not ok and self.failures >= spec.health_max_failures:
+                self._task = None
+                app.engine.background(app.restart_for(
+                    f"health check failed {self.failures} times in a row ({detail})"), app.name)
                 return
-            self._record_health(ok, detail)
-            if not ok and self.health_failures >= spec.health_max_failures:
-                self._health_task = None
-                self.sup.background(self.restart_for(
-                    f"health check failed {self.health_failures} times in a row ({detail})"), self.name)
-                return
 
-    # -- rules that restart: limits, watch, cron -------------------------------------------
 
-    async def restart_for(self, reason):
-        """Restart because a rule asked (health, limit, watch, cron); the reason is kept."""
-        self.rec.restart_reason = f"{reason} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        self.sup.log(f"{self.name}: restarting: {reason}")
-        try:
-            await self.restart()
-        except SpawnError as exc:
-            self.sup.log(str(exc))
-        finally:
-            self._limit_pending = False
+class Limits:
+    """max_memory_bytes at once, max_cpu_percent once sustained: checked after each metrics sample."""
 
-    def check_limits(self):
-        """After a metrics sample: restart on memory at once, on CPU once it is sustained."""
-        spec = self.spec
-        if self.rec.status != Status.RUNNING or self._limit_pending:
+    def __init__(self, app):
+        self.app = app
+        self.cpu_over = 0          # samples in a row over max_cpu_percent
+        self.pending = False       # a limit restart is on its way
+
+    def spawned(self):
+        self.cpu_over = 0
+
+    def sampled(self):
+        app, spec = self.app, self.app.spec
+        if app.state.status != Status.RUNNING or self.pending:
             return
         reason = None
-        if spec.max_memory_bytes and self.memory_bytes and self.memory_bytes > spec.max_memory_bytes:
-            reason = (f"memory {format_bytes(self.memory_bytes)} over the "
-                      f"{format_bytes(spec.max_memory_bytes)} limit")
-        elif spec.max_cpu_percent and self.cpu_percent is not None:
-            over = self.cpu_percent > spec.max_cpu_percent
-            self._cpu_over = self._cpu_over + 1 if over else 0
-            if self._cpu_over >= CPU_LIMIT_SAMPLES:
-                reason = (f"CPU over {spec.max_cpu_percent:g}% for {self._cpu_over} samples in a row "
-                          f"(last {self.cpu_percent:g}%)")
+        if spec.max_memory_bytes and app.memory_bytes and app.memory_bytes > spec.max_memory_bytes:
+            reason = f"memory {format_bytes(app.memory_bytes)} over the {format_bytes(spec.max_memory_bytes)} limit"
+        elif spec.max_cpu_percent and app.cpu_percent is not None:
+            self.cpu_over = self.cpu_over + 1 if app.cpu_percent > spec.max_cpu_percent else 0
+            if self.cpu_over >= CPU_LIMIT_SAMPLES:
+                reason = (f"CPU over {spec.max_cpu_percent:g}% for {self.cpu_over} samples in a row "
+                          f"(last {app.cpu_percent:g}%)")
         if reason:
-            self._limit_pending = True
-            self.sup.background(self.restart_for(reason), self.name)
+            self.pending = True
+            app.engine.background(self._restart(reason), app.name)
 
-    def watch_event(self, path):
-        """A watched file changed: restart once the changes have settled (watch_delay)."""
-        if self.rec.desired != "running" or self.deleted:
-            return
-        self._watch_changed = path
-        if self._watch_timer is not None:
-            self._watch_timer.cancel()
-        self._watch_timer = self.loop.call_later(self.spec.watch_delay_s, self._watch_fire)
+    async def _restart(self, reason):
+        try:
+            await self.app.restart_for(reason)
+        finally:
+            self.pending = False
 
-    def _watch_fire(self):
-        self._watch_timer = None
-        if self.rec.desired == "running" and not self.deleted:
-            rel = os.path.relpath(self._watch_changed, self.spec.cwd or "/")
-            self.sup.background(self.restart_for(f"watch: {rel} changed"), self.name)
 
-    def _schedule_cron(self):
-        if self._cron_timer is not None:
-            self._cron_timer.cancel()
-            self._cron_timer = None
-        if not self.spec.cron_restart or self.deleted:
-            return
-        when = parse_cron(self.spec.cron_restart).next_after(time.time())
-        self._cron_next = when
-        # Re-check at least hourly: the wall clock can jump (NTP, DST) under a long timer.
-        self._cron_timer = self.loop.call_later(min(when - time.time(), 3600.0), self._cron_tick, when)
+class Watch:
+    """Restart when files under the app's `watch` paths change, once changes settle (watch_delay)."""
 
-    def _cron_tick(self, when):
-        self._cron_timer = None
-        if time.time() < when - 0.01:
-            self._cron_timer = self.loop.call_later(min(when - time.time(), 3600.0), self._cron_tick, when)
-            return
-        self._schedule_cron()
-        # An app that exited on its own restarts too; one a user stopped does not.
-        if self.rec.desired in ("running", "exited") and not self.deleted:
-            self.sup.background(self.restart_for(f"cron_restart {self.spec.cron_restart!r}"), self.name)
+    def __init__(self, app):
+        self.app = app
+        self._timer = None
+        self._changed = None
 
     def attach(self):
-        """Start watching files and the cron clock for this app."""
-        if self.spec.watch:
-            self.sup.watcher.add(self)
-        self._schedule_cron()
+        if self.app.spec.watch:
+            self.app.engine.watcher.add(self.app)
 
     def detach(self):
-        if self.spec.watch:
-            self.sup.watcher.remove(self)
-        for timer in (self._watch_timer, self._cron_timer):
-            if timer is not None:
-                timer.cancel()
-        self._watch_timer = self._cron_timer = None
+        if self.app.spec.watch:
+            self.app.engine.watcher.remove(self.app)
+        self.stop()
 
-    # -- operations (serialised per process) ------------------------------------
+    def stop(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    async def start(self, start_delay=True, launched=False):
-        """Start the app if it is not alive; raises SpawnError if it cannot.
-
-        launched: launch() marked it starting; a stop, restart or delete since
-        then has settled it, and this late start must not undo that.
-        """
-        await self._lock.acquire()
-        try:
-            if not launched or self._launching:
-                await self._start_locked(start_delay)
-        finally:
-            self._lock.release()
-
-    def precheck(self):
-        """Raise SpawnError now if the app cannot be spawned (and mark it errored)."""
-        spec = self.spec
-        try:
-            argv = resolve_argv(spec)
-            if not _WINDOWS:
-                check_program(argv[0], spec.cwd, child_environment(spec, self.rec.base_env, self.rec.id))
-        except (SpawnError, ValueError) as exc:
-            error = exc if isinstance(exc, SpawnError) else SpawnError(str(exc), EXIT_NOT_FOUND)
-            if self.rec.status in ALIVE_STATUSES:
-                raise SpawnError(f"cannot start {self.name!r}: {error}", error.code) from None
-            if self.rec.status != Status.STARTING:
-                # STOPPED/CRASHED/ERRORED -> STARTING
-                self._set_status(Status.STARTING)
-            raise self._start_failed(error) from None
-
-    def _start_failed(self, error):
-        """STARTING -> ERRORED with the reason; return the SpawnError the start raises."""
-        self.rec.last_exit_code, self.rec.last_signal = error.code, None
-        self._set_status(Status.ERRORED, str(error))
-        return SpawnError(f"cannot start {self.name!r}: {error}", error.code)
-
-    def mark_starting(self):
-        """Show the app as starting at once; launch() spawns it a moment later.
-
-        Returns False when the app is alive or busy (a stop or restart holds its
-        lock): then the later start is an ordinary one.
-        """
-        self.rec.desired = "running"
-        if self.rec.status in ALIVE_STATUSES or self._lock.locked():
-            return False
-        self._cancel_pending()
-        self.tracker.reset()
-        self._launching = True
-        # STOPPED/CRASHED/ERRORED -> STARTING
-        self._set_status(Status.STARTING)
-        return True
-
-    async def _start_locked(self, start_delay=True):
-        self.rec.desired = "running"
-        launching, self._launching = self._launching, False
-        if self.rec.status in ALIVE_STATUSES and not launching:
+    def changed(self, path):
+        app = self.app
+        if app.rec.desired != "running" or app.closed:
             return
-        self._cancel_pending()
-        if self.rec.pgid and group_alive(self.rec.pgid):
-            await self._reap_group(self.rec.pgid, signal_stop=True)
-        if not launching:
-            self.tracker.reset()
-            # STOPPED/CRASHED/ERRORED -> STARTING
-            self._set_status(Status.STARTING)
-        if start_delay and self.spec.start_delay_s > 0:
-            await self.loop.sleep(self.spec.start_delay_s)
-        try:
-            self._spawn()
-        except SpawnError as exc:
-            raise self._start_failed(exc) from None
-        if self.needs_ready():
-            try:
-                await self._become_ready()
-            except _StartInterrupted:
-                raise
-            except SpawnError as exc:
-                if self.child is not None:  # still alive but not ready: stop it (systemd's rule)
-                    await self._kill_child()
-                    # STARTING -> ERRORED
-                    self._set_status(Status.ERRORED, str(exc))
-                raise
+        self._changed = path
+        self.stop()
+        self._timer = app.loop.call_later(app.spec.watch_delay_s, self._fire)
 
-    async def stop(self, desired="stopped"):
-        """Stop the app and its whole process group; returns once they are gone.
+    def _fire(self):
+        self._timer = None
+        app = self.app
+        if app.rec.desired == "running" and not app.closed:
+            rel = os.path.relpath(self._changed, app.spec.cwd or "/")
+            app.engine.background(app.restart_for(f"watch: {rel} changed"), app.name)
 
-        `desired` is what a later daemon start should do: "stopped" for a
-        user's stop, None to keep the user's wish (daemon shutdown).
-        """
-        self._interrupt_start("stopped before it was ready")
-        await self._lock.acquire()
-        try:
-            await self._stop_locked()
-            if desired is not None:
-                self.rec.desired = desired
-        finally:
-            self._lock.release()
 
-    async def _stop_locked(self):
-        self._cancel_pending()
-        self._launching = False
-        self._stop_health_loop()
-        if self._watch_timer is not None:
-            self._watch_timer.cancel()
-            self._watch_timer = None
-        pgid = self.rec.pgid
-        if self.child is None:
-            if pgid and group_alive(pgid):
-                await self._reap_group(pgid, signal_stop=True)
-            if self.rec.status in (Status.STARTING, Status.RESTARTING, Status.RUNNING):
-                self._set_status(Status.STOPPED, "stopped")
+class Cron:
+    """cron_restart: restart on schedule (local time), also an app that has exited on its own."""
+
+    def __init__(self, app):
+        self.app = app
+        self._timer = None
+        self.next = None
+
+    def attach(self):
+        self.detach()
+        if self.app.spec.cron_restart and not self.app.closed:
+            self._arm(parse_cron(self.app.spec.cron_restart).next_after(time.time()))
+
+    def detach(self):
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.next = None
+
+    def _arm(self, when):
+        self.next = when
+        # Re-check at least hourly: the wall clock can jump (NTP, DST) under a long timer.
+        self._timer = self.app.loop.call_later(min(when - time.time(), 3600.0), self._tick, when)
+
+    def _tick(self, when):
+        self._timer = None
+        if time.time() < when - 0.01:
+            self._arm(when)
             return
-        # RUNNING/STARTING -> STOPPING
-        self._set_status(Status.STOPPING, "stop requested")
-        killed = await self._kill_child()
-        # STOPPING -> STOPPED
-        self._set_status(Status.STOPPED, "killed after stop_timeout" if killed else "stopped")
-
-    async def restart(self, base_env=None):
-        """Stop the old process (so its port is free), then start a new one."""
-        self._interrupt_start("restarted before it was ready")
-        await self._lock.acquire()
-        try:
-            was_alive = self.rec.status in ALIVE_STATUSES
-            await self._stop_locked()
-            if base_env is not None:
-                self.rec.base_env = dict(base_env)
-            if was_alive:
-                self.rec.restart_count += 1
-            await self._start_locked(start_delay=True)
-        finally:
-            self._lock.release()
-
-    async def replace(self, spec, base_env):
-        """Stop the app, take a new definition, start it (apply's changed app)."""
-        self._interrupt_start("replaced before it was ready")
-        await self._lock.acquire()
-        try:
-            await self._stop_locked()
-            for pump in list(self._pumps):
-                pump.drain()
-            self.close_logs()  # the log paths may have changed
-            self._take(spec, base_env)
-            await self._start_locked(start_delay=True)
-        finally:
-            self._lock.release()
-
-    async def reload(self, spec=None, base_env=None):
-        """Start a replacement, wait until it is ready, then stop the old process.
-
-        Ready means readiness (wait_ready, ready_tcp) or, without a rule, up
-        for min_uptime. If the replacement fails, it is killed and the old
-        process keeps serving; SpawnError says why. An app that is not
-        running is simply started.
-        """
-        self._interrupt_start("reloaded before it was ready")
-        await self._lock.acquire()
-        try:
-            if self.child is None or self.rec.status != Status.RUNNING:
-                await self._stop_locked()
-                self._take(spec, base_env)
-                await self._start_locked(start_delay=False)
-                return "started"
-            old = (self.child, self._exit_fut, self._pumps, self.rec.pid, self.rec.start_ticks,
-                   self.rec.started_at, self._spawned_at, self.health_status)
-            old_spec, old_env = self.rec.spec, self.rec.base_env
-            self._retiring[self.child] = (self._exit_fut, self._pumps)
-            self._stop_health_loop()
-            self.child, self._exit_fut, self._pumps = None, None, []
-            self._take(spec, base_env)
-            self._reloading = True
-            try:
-                await self._start_replacement()
-            except SpawnError as exc:
-                # Roll back: the old process never stopped serving.
-                self._retiring.pop(old[0], None)
-                self.child, self._exit_fut, self._pumps = old[0], old[1], old[2]
-                self.rec.pid = self.rec.pgid = old[3]
-                self.rec.start_ticks, self.rec.started_at, self._spawned_at, self.health_status = old[4:]
-                if spec is not None or base_env is not None:
-                    self.detach()
-                    self.rec.spec, self.rec.base_env = old_spec, old_env
-                    self.attach()
-                self._set_status(Status.RUNNING, "reload failed; the old process keeps serving")
-                self._start_health_loop()
-                raise SpawnError(f"reload of {self.name!r} failed: {exc}; the old process "
-                                 f"(pid {old[3]}) keeps serving") from None
-            finally:
-                self._reloading = False
-            self.rec.restart_count += 1
-            await self._retire(old[0], old[1])
-            return "reloaded"
-        finally:
-            self._lock.release()
-
-    def _take(self, spec, base_env):
-        """Adopt a new definition and/or environment (reload, replace)."""
-        if base_env is not None:
-            self.rec.base_env = dict(base_env)
-        if spec is not None and spec.fingerprint() != self.rec.spec.fingerprint():
-            self.detach()
-            self.rec.spec = spec
-            self.attach()
-        elif spec is not None:
-            self.rec.spec = spec  # only the group size changed
-
-    async def _start_replacement(self):
-        """Spawn the replacement of a reload and wait until it counts as ready."""
-        spec = self.spec
-        self._spawn()
-        if self.needs_ready():
-            try:
-                await self._become_ready()
-            except SpawnError:
-                await self._kill_child()
-                raise
-            return
-        # No readiness rule: the replacement must stay up for min_uptime.
-        exit_fut = self._exit_fut
-        try:
-            await wait_for(self.loop, exit_fut, spec.min_uptime_s)
-        except LoopTimeout:
-            return
-        code, signum = exit_fut.result()
-        raise SpawnError(f"the replacement {describe_exit(code, signum)} within min_uptime "
-                         f"({format_duration(spec.min_uptime_s)})")
-
-    async def _retire(self, child, exit_fut):
-        """Stop a process a reload replaced: stop signal, then SIGKILL after stop_timeout."""
-        spec = self.spec
-        deadline = self.loop.time() + spec.stop_timeout_s
-        child.signal_group(parse_signal(spec.stop_signal))
-        try:
-            await wait_for(self.loop, exit_fut, spec.stop_timeout_s)
-        except LoopTimeout:
-            child.signal_group(signal.SIGKILL)
-            try:
-                await wait_for(self.loop, exit_fut, 10.0)
-            except LoopTimeout:
-                self.sup.log(f"{self.name}: pid {child.pid} survives SIGKILL")
-        if isinstance(child, _RealChild):
-            await self._reap_group(child.pid, deadline=deadline)
-
-    async def delete(self):
-        """Stop the app and forget it; its log files stay on disk."""
-        self._interrupt_start("deleted before it was ready")
-        await self._lock.acquire()
-        try:
-            await self._stop_locked()
-            self.deleted = True
-            self.detach()
-            self._close_notify()
-            self.close_logs()
-        finally:
-            self._lock.release()
-
-    def send_signal(self, signum):
-        """Send a signal to the app's process group; False when it has none."""
-        if self.child is None:
-            return False
-        return self.child.signal_group(signum)
-
-    def reset(self):
-        self.rec.restart_count = 0
-        self.tracker.reset()
-        self.sup.save_soon()
-
-    # -- reporting ----------------------------------------------------------
-
-    def describe(self):
-        """Return the public view of the app: no env values, ever."""
-        rec = self.rec
-        spec = rec.spec
-        alive = self.child is not None
-        uptime_ms = int((time.time() - rec.started_at) * 1000) if alive and rec.started_at else 0
-        return {
-            "id": rec.id,
-            "name": spec.name,
-            "namespace": spec.namespace,
-            "command": spec.command,
-            "interpreter": spec.interpreter,
-            "cwd": spec.cwd,
-            "status": rec.status,
-            "status_reason": rec.status_reason,
-            "pid": rec.pid if alive else None,
-            "restart_count": rec.restart_count,
-            "restart_reason": rec.restart_reason,
-            "uptime_ms": uptime_ms,
-            "started_at": rec.started_at if alive else None,
-            "created_at": rec.created_at,
-            "cpu_percent": self.cpu_percent if alive else None,
-            "memory_bytes": self.memory_bytes if alive else None,
-            "metrics_samples": self.metrics_samples,
-            "health_status": self.health_status,
-            "health_failures": self.health_failures,
-            "health_detail": self.health_detail,
-            "health_checked_at": self.health_checked_at,
-            "health_check": health_kind(spec) and (spec.health_cmd or spec.health_http or spec.health_tcp),
-            "notify_status": self.notify_status,
-            "wait_ready": spec.wait_ready,
-            "ready_tcp": spec.ready_tcp,
-            "ready_timeout_ms": int(spec.ready_timeout_s * 1000),
-            "max_memory_bytes": spec.max_memory_bytes,
-            "max_cpu_percent": spec.max_cpu_percent,
-            "watch": list(spec.watch),
-            "cron_restart": spec.cron_restart,
-            "cron_next": self._cron_next if self._cron_timer is not None else None,
-            "restart_policy": spec.restart_policy,
-            "max_restarts": spec.max_restarts,
-            "crash_restart_limit": spec.crash_restart_limit,
-            "min_uptime_ms": int(spec.min_uptime_s * 1000),
-            "restart_delay_ms": int(spec.restart_delay_s * 1000),
-            "exp_backoff": spec.exp_backoff,
-            "stop_signal": spec.stop_signal,
-            "stop_timeout_ms": int(spec.stop_timeout_s * 1000),
-            "last_exit_code": rec.last_exit_code,
-            "last_signal": signal_name(rec.last_signal) if rec.last_signal else None,
-            "desired": rec.desired,
-            "out_log": self.log_path("out"),
-            "err_log": self.log_path("err"),
-            "combined_log": self.log_path("combined"),
-            "base_name": spec.base_name or spec.name,
-            "instance": spec.instance,
-            "depends_on": list(spec.depends_on),
-            "log_date_format": spec.log_date_format,
-            "env_keys": sorted(spec.env),
-        }
-
-
-def _bind_listener(address):
-    """Bind and listen on "tcp://host:port" or "unix:/path"; SpawnError if it cannot."""
-    import socket
-    try:
-        if address.startswith("unix:"):
-            path = address[5:]
-            _unlink_quiet(path)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(path)
-        else:
-            host, _, port = address[len("tcp://"):].rpartition(":")
-            host = host.strip("[]")
-            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, int(port)))
-        sock.listen(1024)
-    except OSError as exc:
-        raise SpawnError(f"cannot listen on {address}: {exc.strerror or exc}") from None
-    return sock
-
-
-def _metrics_interval():
-    raw = os.environ.get(ENV_METRICS_INTERVAL, "").strip()
-    try:
-        value = float(raw) if raw else METRICS_INTERVAL_S
-    except ValueError:
-        value = -1
-    if not 0.05 <= value <= 3600:
-        raise ConfigError(f"{ENV_METRICS_INTERVAL}={raw!r}: expected seconds between 0.05 and 3600; "
-                          f"unset it for {METRICS_INTERVAL_S:g}")
-    return value
+        app = self.app
+        self.attach()
+        # An app that exited on its own restarts too; one a user stopped does not.
+        if app.rec.desired in ("running", "exited") and not app.closed:
+            app.engine.background(app.restart_for(f"cron_restart {app.spec.cron_restart!r}"), app.name)
 
 
 def _watch_ignored(path, root, patterns, extra):
@@ -5637,122 +4821,112 @@ def _watch_ignored(path, root, patterns, extra):
 
 
 class Watcher:
-    """Restart apps when files under their `watch` paths change.
+    """The file watch of every app with `watch`: one driver watch (inotify), or a scan every 2 s.
 
-    inotify on Linux: event-driven, so an idle tree of any size costs no
-    CPU. Elsewhere a periodic scan of modification times stands in.
+    Event-driven where the driver can: an idle tree of any size costs no CPU.
     """
 
-    def __init__(self, sup):
-        self.sup = sup
-        self.loop = sup.loop
-        self.fd = None
-        self.dirs = {}        # watched directory -> [wd, {proc: root}]
+    def __init__(self, engine):
+        self.engine = engine
+        self.watch = None
+        self.dirs = {}        # watched directory -> [wd, {app: root}]
         self.wds = {}         # wd -> directory
-        self.roots = {}       # proc -> [(root, is_dir)]
-        self._scan = {}       # proc -> {path: (mtime, size)} without inotify
+        self.roots = {}       # app -> [(root, is_dir)]
+        self._scan = {}       # app -> {path: (mtime, size)} without a driver watch
         self._scan_timer = None
+        self._opened = False
 
-    def _extra_ignores(self, proc):
-        paths = [self.sup.home.root]
-        paths += [proc.log_path(s) for s in ("out", "err", "combined") if proc.log_path(s)]
-        return paths
+    def _ignored(self, app, path, root):
+        extra = [self.engine.home.root] + [p for p in (app.log_path(s) for s in ("out", "err", "combined")) if p]
+        return _watch_ignored(path, root, app.spec.ignore_watch, extra)
 
-    def _ignored(self, proc, path, root):
-        return _watch_ignored(path, root, proc.spec.ignore_watch, self._extra_ignores(proc))
-
-    def add(self, proc):
-        base = proc.spec.cwd or "/"
-        roots = []
-        for entry in proc.spec.watch:
-            root = os.path.normpath(os.path.join(base, os.path.expanduser(entry)))
-            roots.append((root, os.path.isdir(root)))
-        self.roots[proc] = roots
-        if self.fd is None:
-            self.fd = inotify_open()
-            if self.fd is not None:
-                self.loop.add_reader(self.fd, self._read)
-        if self.fd is None:
-            self._scan[proc] = self._snapshot(proc)
+    def add(self, app):
+        base = app.spec.cwd or "/"
+        roots = [(root, os.path.isdir(root)) for root in
+                 (os.path.normpath(os.path.join(base, os.path.expanduser(e))) for e in app.spec.watch)]
+        self.roots[app] = roots
+        if not self._opened:
+            self._opened = True
+            self.watch = self.engine.driver.file_watch()
+            if self.watch is not None:
+                self.engine.loop.add_reader(self.watch.fileno(), self._read)
+        if self.watch is None:
+            self._scan[app] = self._snapshot(app)
             if self._scan_timer is None:
-                self._scan_timer = self.loop.call_later(2.0, self._poll)
+                self._scan_timer = self.engine.loop.call_later(2.0, self._poll)
             return
         for root, is_dir in roots:
             if is_dir:
-                self._watch_tree(proc, root, root)
+                self._watch_tree(app, root, root)
             elif os.path.isdir(os.path.dirname(root)):
-                self._watch_dir(proc, os.path.dirname(root), root)
+                self._watch_dir(app, os.path.dirname(root), root)
             else:
-                self.sup.log_once(f"{proc.name}: watch path {root!r} does not exist")
+                self.engine.log_once(f"{app.name}: watch path {root!r} does not exist")
 
-    def _watch_dir(self, proc, directory, root):
+    def _watch_dir(self, app, directory, root):
         entry = self.dirs.get(directory)
         if entry is None:
             try:
-                wd = inotify_add(self.fd, directory)
+                wd = self.watch.add(directory)
             except OSError as exc:
-                self.sup.log_once(f"cannot watch {directory!r}: {exc.strerror or exc}"
-                                  + ("; raise fs.inotify.max_user_watches" if exc.errno == errno.ENOSPC else ""))
+                self.engine.log_once(f"cannot watch {directory!r}: {exc.strerror or exc}"
+                                     + ("; raise fs.inotify.max_user_watches" if exc.errno == errno.ENOSPC else ""))
                 return
             entry = self.dirs[directory] = [wd, {}]
             self.wds[wd] = directory
-        entry[1][proc] = root
+        entry[1][app] = root
 
-    def _watch_tree(self, proc, top, root):
+    def _watch_tree(self, app, top, root):
         for directory, subdirs, _files in os.walk(top):
-            subdirs[:] = [d for d in subdirs if not self._ignored(proc, os.path.join(directory, d), root)]
-            self._watch_dir(proc, directory, root)
+            subdirs[:] = [d for d in subdirs if not self._ignored(app, os.path.join(directory, d), root)]
+            self._watch_dir(app, directory, root)
 
-    def remove(self, proc):
-        self.roots.pop(proc, None)
-        self._scan.pop(proc, None)
+    def remove(self, app):
+        self.roots.pop(app, None)
+        self._scan.pop(app, None)
         for directory in list(self.dirs):
-            wd, procs = self.dirs[directory]
-            procs.pop(proc, None)
-            if not procs:
+            wd, apps = self.dirs[directory]
+            apps.pop(app, None)
+            if not apps:
                 del self.dirs[directory]
                 self.wds.pop(wd, None)
                 try:
-                    inotify_remove(self.fd, wd)
+                    self.watch.remove(wd)
                 except OSError:
                     pass
 
     def _read(self):
-        try:
-            data = os.read(self.fd, 1 << 16)
-        except (BlockingIOError, InterruptedError):
-            return
-        for wd, mask, _cookie, name in _parse_inotify(data):
-            if mask & IN_Q_OVERFLOW:
-                for proc, roots in list(self.roots.items()):  # events were lost: assume a change
-                    proc.watch_event(roots[0][0] if roots else proc.spec.cwd)
+        for wd, name, kind in self.watch.read():
+            if kind == "overflow":
+                for app, roots in list(self.roots.items()):  # events were lost: assume a change
+                    app.watch.changed(roots[0][0] if roots else app.spec.cwd)
                 continue
             directory = self.wds.get(wd)
             if directory is None:
                 continue
-            if mask & IN_IGNORED:
+            if kind == "gone":
                 self.wds.pop(wd, None)
                 self.dirs.pop(directory, None)
                 continue
             path = os.path.join(directory, name) if name else directory
-            for proc, root in list(self.dirs.get(directory, [None, {}])[1].items()):
+            for app, root in list(self.dirs.get(directory, [None, {}])[1].items()):
                 if root != directory and not os.path.isdir(root) and path != root:
                     continue  # a single watched file: other files of its directory do not count
-                if self._ignored(proc, path, root):
+                if self._ignored(app, path, root):
                     continue
-                if mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
-                    self._watch_tree(proc, path, root)
-                proc.watch_event(path)
+                if kind == "new_dir":
+                    self._watch_tree(app, path, root)
+                app.watch.changed(path)
 
-    def _snapshot(self, proc):
+    def _snapshot(self, app):
         state = {}
-        for root, is_dir in self.roots.get(proc, ()):
+        for root, is_dir in self.roots.get(app, ()):
             for directory, subdirs, files in (os.walk(root) if is_dir else [(os.path.dirname(root), [],
                                                                                 [os.path.basename(root)])]):
-                subdirs[:] = [d for d in subdirs if not self._ignored(proc, os.path.join(directory, d), root)]
+                subdirs[:] = [d for d in subdirs if not self._ignored(app, os.path.join(directory, d), root)]
                 for f in files:
                     path = os.path.join(directory, f)
-                    if self._ignored(proc, path, root):
+                    if self._ignored(app, path, root):
                         continue
                     try:
                         st = os.stat(path)
@@ -5761,99 +4935,799 @@ class Watcher:
                     state[path] = (st.st_mtime, st.st_size)
         return state
 
-    def _poll(self):  # pragma: no cover  (only where there is no inotify)
+    def _poll(self):  # pragma: no cover  (only where the driver has no file watch)
         self._scan_timer = None
-        for proc in list(self._scan):
-            now = self._snapshot(proc)
-            before = self._scan[proc]
-            self._scan[proc] = now
+        for app in list(self._scan):
+            now = self._snapshot(app)
+            before = self._scan[app]
+            self._scan[app] = now
             changed = [p for p in set(now) | set(before) if now.get(p) != before.get(p)]
             if changed:
-                proc.watch_event(changed[0])
+                app.watch.changed(changed[0])
         if self._scan:
-            self._scan_timer = self.loop.call_later(2.0, self._poll)
+            self._scan_timer = self.engine.loop.call_later(2.0, self._poll)
 
     def close(self):
-        if self.fd is not None:
-            self.loop.remove_reader(self.fd)
-            close_fd(self.fd)
-            self.fd = None
+        if self.watch is not None:
+            self.engine.loop.remove_reader(self.watch.fileno())
+            self.watch.close()
+            self.watch = None
         if self._scan_timer is not None:
             self._scan_timer.cancel()
 
 
-class Supervisor:
-    """All managed apps: lookup by target, lifecycle, persistence, metrics.
+# -- the app ----------------------------------------------------------------------
 
-    The seams are injected: the spawner (argv, cwd, env, out_fd, err_fd) ->
-    child, the clock, and the home's paths.
+
+class App:
+    """One app instance at run time: its state, its current run, its rules.
+
+    Every operation (start, stop, restart, reload, replace, delete, and the
+    restart after a crash) holds the one lock, so two never interleave; a
+    stop first ends a start that is waiting and cancels a restart that is
+    waiting out its delay, then takes the lock.
     """
 
-    def __init__(self, loop, home, spawner=None, clock=None, log_policy=None, reap_all=False,
-                 log=None, persist=True, write_logs=True):
+    def __init__(self, engine, record):
+        self.engine = engine
+        self.loop = engine.loop
+        self.rec = record
+        self.state = AppState(record, engine.loop.time, self._status_changed)
+        self.run = None              # the current child (None between runs)
+        self.logs = {}               # "out"/"err"/"combined" -> RotatingLog, opened on first output
+        self.closed = False          # deleted: late timers and rules leave it alone
+        self.cpu_percent = None      # of the whole process tree, last sample
+        self.memory_bytes = None
+        self.metrics_samples = 0     # samples taken of this app (lets a client wait for the next)
+        self.notify_status = None    # last STATUS= the app sent
+        self.health = Health(self)
+        self.limits = Limits(self)
+        self.watch = Watch(self)
+        self.cron = Cron(self)
+        self._err_tail = b""
+        self._lock = asyncio.Lock()
+        self._restart_task = None    # a crash restart waiting out its delay (not yet holding the lock)
+        self._interrupt = None       # resolves to end a start that is waiting
+        self._ready = None           # resolves when the starting child is ready
+        self._notify = None          # (socket, address, transport) of NOTIFY_SOCKET, once opened
+
+    @property
+    def spec(self):
+        return self.rec.spec
+
+    @property
+    def name(self):
+        return self.rec.spec.name
+
+    def _status_changed(self, old, new, reason):
+        self.engine.status_changed(self, old, new, reason)
+
+    def needs_ready(self):
+        """True when a start waits for readiness (wait_ready or ready_tcp)."""
+        return self.spec.wait_ready or bool(self.spec.ready_tcp)
+
+    def attach(self):
+        """Start the rules that run whether or not the app does: watch and cron."""
+        self.watch.attach()
+        self.cron.attach()
+
+    def detach(self):
+        self.watch.detach()
+        self.cron.detach()
+        self.health.stop()
+
+    # -- output -------------------------------------------------------------
+
+    def log_path(self, stream, spec=None):
+        """Return the file of "out", "err" or "combined" (None: no combined log)."""
+        spec = spec or self.spec
+        custom = {"out": spec.out_file, "err": spec.err_file, "combined": spec.combined_file}[stream]
+        if custom or stream == "combined":
+            return custom
+        return self.engine.home.log_path(spec.base_name if spec.merge_logs and spec.base_name else spec.name, stream)
+
+    def log(self, stream):
+        log = self.logs.get(stream)
+        if log is None:
+            spec = self.spec
+            default = self.engine.log_policy
+            policy = LogPolicy(default.max_bytes if spec.log_max_bytes is None else spec.log_max_bytes,
+                               default.max_files if spec.log_max_files is None else spec.log_max_files,
+                               default.max_age_s if spec.log_max_age_s is None else spec.log_max_age_s)
+            log = self.logs[stream] = self.engine.acquire_log(self.log_path(stream), policy)
+        return log
+
+    def close_logs(self):
+        for log in self.logs.values():
+            self.engine.release_log(log)
+        self.logs = {}
+
+    def _output(self, stream, chunk, starts):
+        fmt = self.spec.log_date_format
+        if fmt:
+            chunk = stamp_lines(chunk, (format_timestamp(fmt) + ": ").encode(), starts)
+        if stream == "err":
+            self._err_tail = (self._err_tail + chunk)[-4096:]
+        if self.engine.write_logs:
+            for name in (stream, "combined") if self.spec.combined_file else (stream,):
+                try:
+                    self.log(name).write(chunk)
+                except OSError as exc:
+                    self.engine.log_once(f"{self.name}: cannot write {self.log_path(name)!r}: {exc}")
+        self.engine.emit("output", self, stream=stream, data=chunk)
+
+    def stderr_tail(self, n=STDERR_TAIL_LINES):
+        """Return the last stderr lines (for crash reports)."""
+        return self._err_tail.decode("utf-8", "replace").splitlines()[-n:]
+
+    # -- readiness (sd_notify, ready_tcp, health) -------------------------------
+
+    async def _open_notify(self):
+        """Open this app's NOTIFY_SOCKET (systemd's sd_notify protocol); return its address."""
+        if self._notify is None:
+            sock, address = self.engine.driver.bind_notify(self.engine.home.notify_path(self.rec.id))
+            transport, _ = await self.loop.create_datagram_endpoint(lambda: _Notify(self), sock=sock)
+            self._notify = (sock, address, transport)
+        return self._notify[1]
+
+    def close_notify(self):
+        if self._notify is not None:
+            sock, address, transport = self._notify
+            transport.close()
+            self.engine.driver.unbind_notify(sock, address)
+            self._notify = None
+
+    def _on_notify(self, data):
+        for line in data.decode("utf-8", "replace").splitlines():
+            key, _, value = line.partition("=")
+            if key == "READY" and value == "1":
+                if self._ready is not None and not self._ready.done():
+                    self._ready.set_result("READY=1")
+            elif key == "STATUS":
+                self.notify_status = value[:200]
+
+    async def _poll_tcp(self, ready):
+        while not ready.done():
+            try:
+                await tcp_accepts(self.spec.ready_tcp, 1.0)
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(0.05)
+                continue
+            ready.set_result(f"{self.spec.ready_tcp} accepts")
+
+    async def _poll_health(self, ready):
+        while not ready.done():
+            ok, detail = await self.health.check()
+            if ok:
+                self.health.record(True, detail)
+                ready.set_result(f"health check passed ({detail})")
+            else:
+                await asyncio.sleep(0.2)
+
+    async def _await_ready(self, run, interrupt, current):
+        """Wait until the run is ready; raise SpawnError (or _StartInterrupted) if it is not."""
+        spec = self.spec
+        ready = self._ready = self.loop.create_future()
+        waits, pollers = [], []
+        if spec.wait_ready:
+            waits.append("READY=1 on NOTIFY_SOCKET")
+            if self.health.kind:
+                waits.append("a passing health check")
+                pollers.append(self.engine.background(self._poll_health(ready), self.name))
+        if spec.ready_tcp:
+            waits.append(f"{spec.ready_tcp} to accept")
+            pollers.append(self.engine.background(self._poll_tcp(ready), self.name))
+        try:
+            await asyncio.wait([ready, run.exited, interrupt], timeout=spec.ready_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in pollers:
+                task.cancel()
+            self._ready = None
+        if ready.done():
+            if current:
+                self.state.ready(ready.result())  # STARTING -> RUNNING
+                self.health.running()
+            return
+        if interrupt.done():
+            raise _StartInterrupted(interrupt.result())
+        if run.exited.done():
+            raise SpawnError(f"{self.name!r} {describe_exit(*run.exited.result())} before it was ready")
+        what = (f"{self.name!r} was not ready within {format_duration(spec.ready_timeout_s)} "
+                f"(waited for {' or '.join(waits)}); it was stopped")
+        # Not ready in time: a failed start, and the process is stopped (systemd's rule).
+        decision = None
+        if current:
+            self.run = self.rec.pid = None  # its exit is ours now, not a crash
+            decision = self.state.spawn_failed(what)
+        await run.stop(parse_signal(spec.stop_signal), spec.stop_timeout_s)
+        if decision is not None:
+            self._carry_out(decision, None)
+        raise SpawnError(what)
+
+    # -- spawning, exits, restarts ------------------------------------------------
+
+    async def _spawn(self):
+        """Start one run of the app; SpawnError if it cannot start."""
+        spec, rec = self.spec, self.rec
+        try:
+            argv = resolve_argv(spec)
+        except ValueError as exc:
+            raise SpawnError(str(exc), EXIT_NOT_FOUND) from None
+        env = child_environment(spec, rec.base_env, rec.id)
+        listen_fds = []
+        try:
+            if spec.wait_ready:
+                env["NOTIFY_SOCKET"] = await self._open_notify()
+            if spec.listen:
+                listen_fds = [sock.fileno() for sock in self.engine.held_sockets(self)]
+                env["LISTEN_FDS"] = str(len(listen_fds))
+                env["LISTEN_FDNAMES"] = ":".join([spec.base_name or spec.name] * len(listen_fds))
+        except OSError as exc:
+            raise SpawnError(f"cannot prepare {self.name!r}: {exc.strerror or exc}") from None
+        return await Run.start(self.engine, argv, spec.cwd, env, listen_fds, self._output, self._exited)
+
+    def _became(self, run):
+        """A run is the app's current child now."""
+        self.run = run
+        rec = self.rec
+        rec.pid = rec.pgid = run.pid
+        rec.started_at = run.started_at
+        rec.start_ticks = run.child.start_ticks
+        self.cpu_percent = self.memory_bytes = None
+        self.health.spawned()
+        self.limits.spawned()
+
+    async def _launch(self, delay=0.0, current=True):
+        """Spawn a run and wait until it counts as started; return it, or raise SpawnError.
+
+        The one launch path behind start, restart, a crash restart, replace and
+        reload. Started means spawned or, with a readiness rule, ready; a
+        reload's replacement (current=False) must otherwise stay up for
+        min_uptime, and becomes the app's child only when its caller says so.
+        A stop, restart or delete meanwhile raises _StartInterrupted and
+        leaves the run to them.
+        """
+        interrupt = self._interrupt = self.loop.create_future()
+        try:
+            if delay > 0:
+                await asyncio.wait([interrupt], timeout=delay)
+                if interrupt.done():
+                    raise _StartInterrupted(interrupt.result())
+            try:
+                run = await self._spawn()
+            except _StartInterrupted:
+                raise
+            except SpawnError as exc:
+                if current:
+                    self._carry_out(self.state.spawn_failed(str(exc), exc.code), None)
+                raise SpawnError(f"cannot start {self.name!r}: {exc}", exc.code) from None
+            if current:
+                self._became(run)
+                self.state.spawned(self.needs_ready())
+                if run.exited.done():
+                    self._exited(run)  # it exited while its pipes were being connected
+                elif not self.needs_ready():
+                    self.health.running()
+            try:
+                if self.needs_ready():
+                    await self._await_ready(run, interrupt, current)
+                elif not current:
+                    await asyncio.wait([run.exited, interrupt], timeout=self.spec.min_uptime_s,
+                                       return_when=asyncio.FIRST_COMPLETED)
+                    if run.exited.done():
+                        raise SpawnError(f"the replacement {describe_exit(*run.exited.result())} within "
+                                         f"min_uptime ({format_duration(self.spec.min_uptime_s)})")
+                    if interrupt.done():
+                        raise _StartInterrupted(interrupt.result())
+            except SpawnError:
+                if not current and not run.exited.done():
+                    # A replacement that failed goes; the old process serves on.
+                    await run.stop(parse_signal(self.spec.stop_signal), self.spec.stop_timeout_s)
+                raise
+            return run
+        finally:
+            if self._interrupt is interrupt:
+                self._interrupt = None
+
+    def _interrupt_start(self, reason):
+        """A stop, restart or delete is coming: end a start that is waiting."""
+        if self._interrupt is not None and not self._interrupt.done():
+            self._interrupt.set_result(reason)
+
+    def _cancel_restart(self):
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            self._restart_task = None
+
+    def _exited(self, run):
+        """A run's child exited and its output is drained: the one exit handler."""
+        if run is not self.run:
+            return  # a stop's kill landed on a run already let go, or a reload's replacement/retired run
+        self.run = None
+        self.rec.pid = None
+        self.health.stop()
+        code, signum = run.exited.result()
+        tail = " | ".join(self.stderr_tail(3))
+        decision = self.state.exited(code, signum, self.loop.time() - run.spawned_at, tail)
+        if self.state.status != Status.STOPPING:
+            self._carry_out(decision, run.pid)
+
+    def _carry_out(self, decision, tree):
+        """After an exit or a failed start: respawn later, or clear up what the old tree left."""
+        if decision.action == Decision.SPAWN:
+            self._cancel_restart()  # a newer decision replaces a restart still waiting
+            self._restart_task = self.engine.background(self._restart_later(tree, decision.delay), self.name)
+        elif tree is not None:
+            self.engine.background(self._sweep(tree), self.name)
+
+    async def _sweep(self, tree):
+        """Stop the members of an exited leader's group (they would keep its port), then forget the group."""
+        if self.engine.driver.tree_alive(tree):
+            await stop_tree(self.engine, tree, parse_signal(self.spec.stop_signal), self.spec.stop_timeout_s)
+        if self.rec.pgid == tree and self.run is None:
+            # Gone for good: a group id kept longer could be reused by a stranger.
+            self.rec.pgid = None
+            self.engine.save_soon()
+
+    async def _restart_later(self, tree, delay):
+        """A crash restart: the old group goes first, then the delay, then the launch under the lock."""
+        if tree is not None:
+            await self._sweep(tree)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        async with self._lock:
+            if self._restart_task is asyncio.current_task():
+                self._restart_task = None  # from here on a stop interrupts the launch instead
+            if self.closed or self.state.restart_due().action != Decision.SPAWN:
+                return
+            try:
+                await self._launch()
+            except _StartInterrupted:
+                pass  # a stop, restart or delete is waiting for the lock
+            except SpawnError as exc:
+                self.engine.log(str(exc))
+
+    async def _sweep_leftover(self):
+        """Before a start: a group this app left behind (a crashed leader's survivors) is stopped."""
+        tree = self.rec.pgid
+        if tree and self.run is None:
+            await self._sweep(tree)
+
+    # -- operations (each holds the lock) --------------------------------------------
+
+    def precheck(self):
+        """Raise SpawnError now if the app cannot be spawned (and mark it errored)."""
+        spec = self.spec
+        try:
+            argv = resolve_argv(spec)
+            self.engine.driver.check_program(argv, spec.cwd, child_environment(spec, self.rec.base_env, self.rec.id))
+        except (SpawnError, ValueError) as exc:
+            error = exc if isinstance(exc, SpawnError) else SpawnError(str(exc), EXIT_NOT_FOUND)
+            if self.state.status in ALIVE_STATUSES:
+                raise SpawnError(f"cannot start {self.name!r}: {error}", error.code) from None
+            self.state.request_start()
+            self.state.spawn_failed(str(error), error.code)  # STARTING -> ERRORED
+            raise SpawnError(f"cannot start {self.name!r}: {error}", error.code) from None
+
+    def mark_starting(self):
+        """Show the app as starting at once; start(launched=True) spawns it a moment later.
+
+        Returns False when the app is alive or busy: then the later start is an ordinary one.
+        """
+        if self.state.status in ALIVE_STATUSES or self._lock.locked():
+            self.rec.desired = "running"
+            return False
+        self._cancel_restart()
+        self.state.request_start()  # STOPPED/CRASHED/ERRORED -> STARTING
+        return True
+
+    async def start(self, launched=False):
+        """Start the app if it is not alive; raises SpawnError if it cannot.
+
+        launched: mark_starting() made it STARTING; a stop, restart or delete
+        since then has settled it, and this late start must not undo that.
+        """
+        async with self._lock:
+            if self.closed:
+                return
+            if launched:
+                if self.state.status != Status.STARTING or self.run is not None:
+                    return
+                decision = Decision(Decision.SPAWN, self.spec.start_delay_s)
+            else:
+                decision = self.state.request_start()
+            if decision.action == Decision.SPAWN:
+                self._cancel_restart()
+                await self._sweep_leftover()
+                await self._launch(decision.delay)
+
+    async def stop(self, desired="stopped"):
+        """Stop the app and its whole process group; returns once they are gone.
+
+        `desired` is what a later daemon start should do: "stopped" for a
+        user's stop, None to keep the user's wish (daemon shutdown).
+        """
+        self._interrupt_start("stopped before it was ready")
+        self._cancel_restart()
+        async with self._lock:
+            self._cancel_restart()
+            await self._stop_locked(desired)
+
+    async def _stop_locked(self, desired="stopped"):
+        self.watch.stop()
+        decision = self.state.request_stop(desired)
+        if decision.action == Decision.KILL:
+            await self._stop_run()
+        else:
+            await self._sweep_leftover()
+
+    async def _stop_run(self):
+        """Stop the current run (the status is STOPPING); return what the state decides next."""
+        run = self.run
+        killed = await run.stop(parse_signal(self.spec.stop_signal), self.spec.stop_timeout_s)
+        if self.run is run:  # pragma: no cover  (its exit has been handled by now)
+            self.run = None
+        self.rec.pgid = None
+        return self.state.stopped(killed)
+
+    async def restart(self, base_env=None):
+        """Stop the old process (so its port is free), then start a new one."""
+        self._interrupt_start("restarted before it was ready")
+        self._cancel_restart()
+        async with self._lock:
+            self._cancel_restart()
+            if self.closed:
+                return
+            if base_env is not None:
+                self.rec.base_env = dict(base_env)
+            self.watch.stop()
+            decision = self.state.request_restart()
+            if decision.action == Decision.KILL:
+                decision = await self._stop_run()
+            else:
+                await self._sweep_leftover()
+            await self._launch(decision.delay)
+
+    async def restart_for(self, reason):
+        """Restart because a rule asked (health, limit, watch, cron); the reason is kept."""
+        if self.closed:
+            return
+        self.rec.restart_reason = f"{reason} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        self.engine.log(f"{self.name}: restarting: {reason}")
+        try:
+            await self.restart()
+        except SpawnError as exc:
+            self.engine.log(str(exc))
+
+    async def replace(self, spec, base_env):
+        """Stop the app, take a new definition, start it (apply's changed app)."""
+        self._interrupt_start("replaced before it was ready")
+        self._cancel_restart()
+        async with self._lock:
+            self._cancel_restart()
+            decision = self.state.request_restart(count=False)
+            if decision.action == Decision.KILL:
+                decision = await self._stop_run()
+            self._take(spec, base_env)
+            await self._launch(decision.delay)
+
+    async def reload(self, spec=None, base_env=None):
+        """Start a replacement, wait until it is ready, then stop the old process.
+
+        Ready means readiness (wait_ready, ready_tcp) or, without a rule, up
+        for min_uptime. If the replacement fails, it is stopped and the old
+        process keeps serving; SpawnError says why. An app that is not
+        running is simply started.
+        """
+        self._interrupt_start("reloaded before it was ready")
+        async with self._lock:
+            if self.run is None or self.state.status != Status.RUNNING:
+                self._cancel_restart()
+                decision = self.state.request_restart(count=False)
+                if decision.action == Decision.KILL:
+                    decision = await self._stop_run()
+                self._take(spec, base_env)
+                await self._launch()
+                return "started"
+            old = self.run
+            old_spec, old_env = self.rec.spec, self.rec.base_env
+            self._take(spec, base_env)
+            try:
+                new = await self._launch(current=False)
+            except SpawnError as exc:
+                self._take(old_spec, old_env)  # roll back: the old process never stopped serving
+                if self.run is old:
+                    self.state.note("reload failed; the old process keeps serving")
+                raise SpawnError(f"reload of {self.name!r} failed: {exc}; the old process "
+                                 f"(pid {old.pid}) keeps serving") from None
+            if self.run is not old:
+                # The old process died while the replacement got ready: the replacement takes over.
+                self._cancel_restart()
+                if self.state.status == Status.RESTARTING:
+                    self.state.restart_due()
+                else:
+                    self.state.request_start()
+                self._became(new)
+                self.state.spawned(False)
+                if new.exited.done():
+                    self._exited(new)
+            else:
+                self._became(new)
+                self.rec.restart_count += 1
+                self.engine.save_soon()
+            self.health.running()
+            await old.stop(parse_signal(self.spec.stop_signal), self.spec.stop_timeout_s)
+            return "reloaded"
+
+    def _take(self, spec, base_env):
+        """Adopt a new definition and/or environment (reload, replace)."""
+        if base_env is not None:
+            self.rec.base_env = dict(base_env)
+        if spec is not None and spec.fingerprint() != self.rec.spec.fingerprint():
+            self.detach()
+            self.close_logs()  # the log paths may have changed
+            self.rec.spec = spec
+            self.health = Health(self)
+            self.attach()
+        elif spec is not None:
+            self.rec.spec = spec
+
+    def rename(self, spec):
+        """Take a new name (scale: web becomes web-0): the child runs on, its log files move."""
+        for stream in ("out", "err"):
+            old, new = self.log_path(stream), self.log_path(stream, spec)
+            if old != new and old == self.engine.home.log_path(self.name, stream):
+                self.engine.move_log(old, new)
+        self.close_logs()
+        self.rec.spec = spec
+        self.engine.save_soon()
+
+    async def delete(self):
+        """Stop the app and forget it; its log files stay on disk."""
+        self._interrupt_start("deleted before it was ready")
+        self._cancel_restart()
+        async with self._lock:
+            self._cancel_restart()
+            await self._stop_locked()
+            self.closed = True
+            self.detach()
+            self.close_notify()
+            self.close_logs()
+
+    def send_signal(self, signum):
+        """Send a signal to the app's process group; False when it has none."""
+        return self.run is not None and self.run.signal(signum)
+
+    def reset(self):
+        self.rec.restart_count = 0
+        self.state.reset()
+        self.engine.save_soon()
+
+    # -- reporting ----------------------------------------------------------
+
+    def describe(self):
+        """Return the public view of the app: no env values, ever."""
+        rec = self.rec
+        spec = rec.spec
+        run = self.run
+        health = self.health
+        return {
+            "id": rec.id,
+            "name": spec.name,
+            "namespace": spec.namespace,
+            "command": spec.command,
+            "interpreter": spec.interpreter,
+            "cwd": spec.cwd,
+            "status": rec.status,
+            "status_reason": rec.status_reason,
+            "pid": run.pid if run else None,
+            "restart_count": rec.restart_count,
+            "restart_reason": rec.restart_reason,
+            "uptime_ms": int((time.time() - run.started_at) * 1000) if run else 0,
+            "started_at": run.started_at if run else None,
+            "created_at": rec.created_at,
+            "cpu_percent": self.cpu_percent if run else None,
+            "memory_bytes": self.memory_bytes if run else None,
+            "metrics_samples": self.metrics_samples,
+            "health_status": health.status,
+            "health_failures": health.failures,
+            "health_detail": health.detail,
+            "health_checked_at": health.checked_at,
+            "health_check": health.kind and (spec.health_cmd or spec.health_http or spec.health_tcp),
+            "notify_status": self.notify_status,
+            "wait_ready": spec.wait_ready,
+            "ready_tcp": spec.ready_tcp,
+            "ready_timeout_ms": int(spec.ready_timeout_s * 1000),
+            "max_memory_bytes": spec.max_memory_bytes,
+            "max_cpu_percent": spec.max_cpu_percent,
+            "watch": list(spec.watch),
+            "cron_restart": spec.cron_restart,
+            "cron_next": self.cron.next,
+            "restart_policy": spec.restart_policy,
+            "max_restarts": spec.max_restarts,
+            "crash_restart_limit": spec.crash_restart_limit,
+            "min_uptime_ms": int(spec.min_uptime_s * 1000),
+            "restart_delay_ms": int(spec.restart_delay_s * 1000),
+            "exp_backoff": spec.exp_backoff,
+            "stop_signal": spec.stop_signal,
+            "stop_timeout_ms": int(spec.stop_timeout_s * 1000),
+            "last_exit_code": rec.last_exit_code,
+            "last_signal": signal_name(rec.last_signal) if rec.last_signal else None,
+            "desired": rec.desired,
+            "out_log": self.log_path("out"),
+            "err_log": self.log_path("err"),
+            "combined_log": self.log_path("combined"),
+            "base_name": spec.base_name or spec.name,
+            "instance": spec.instance,
+            "instances": self.engine.group_size(self),
+            "depends_on": list(spec.depends_on),
+            "log_date_format": spec.log_date_format,
+            "env_keys": sorted(spec.env),
+        }
+# =============================================================================
+# 13. Engine: every app, persistence, metrics, events
+# =============================================================================
+
+
+def _metrics_interval():
+    raw = os.environ.get(ENV_METRICS_INTERVAL, "").strip()
+    try:
+        value = float(raw) if raw else METRICS_INTERVAL_S
+    except ValueError:
+        value = -1
+    if not 0.05 <= value <= 3600:
+        raise ConfigError(f"{ENV_METRICS_INTERVAL}={raw!r}: expected seconds between 0.05 and 3600; "
+                          f"unset it for {METRICS_INTERVAL_S:g}")
+    return value
+
+
+def _stderr_log(message):
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        sys.stderr.write(f"{stamp} oxmgr[{os.getpid()}]: {message}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # pragma: no cover
+        pass
+
+
+def duplicate_app(name):
+    """The error for a second app of the same name, with what to do instead."""
+    return DuplicateProcess(f"an app named {name!r} already exists; restart it, delete it, or pick another --name")
+
+
+class Engine:
+    """Every app of a daemon or a runtime: lookup, start order, persistence, events, metrics.
+
+    The seams are injected: the driver (spawn, kill, reap, sockets: a fake in
+    the tests), the home's paths and the loop, whose clock is the engine's.
+    Events go to `listeners` as fn(kind, app, data): "output" (stream, data),
+    "status" (old, new, reason) and "health" (status, detail); followers, the
+    console and the log files all read the same stream.
+    """
+
+    def __init__(self, loop, home, driver=None, log_policy=None, reap_all=False, log=None, persist=True,
+                 write_logs=True):
         self.loop = loop
         self.home = home
-        self.spawner = spawner or self._spawn_real
-        self.clock = clock or loop.time
+        self.driver = driver or DRIVER
         self.log_policy = log_policy or LogPolicy.from_env()
-        self.reaper = Reaper(reap_all)
-        self.log = log or loop.log
-        self.persist = persist
+        self.reaper = self.driver.reaper(loop, reap_all)
+        self.log = log or _stderr_log
+        self.persist = persist         # state.json: the daemon's apps outlive it, a runtime's do not
         self.write_logs = write_logs   # runtime: output to the console only, unless asked
-        self.procs = {}              # id -> ManagedProcess, in id order
+        self.apps = {}                 # id -> App, in id order
         self.next_id = 0
-        self.output_listeners = []   # fn(proc, stream, data)
-        self.status_listeners = []   # fn(proc, old, new, reason)
-        self.health_listeners = []   # fn(proc, status, detail)
+        self.listeners = []
         self.watcher = Watcher(self)
         self.metrics_interval_s = _metrics_interval()
-        self._metrics_timer = None
+        self._sampler = TreeSampler(self.driver.clock_ticks)
+        self._timers = {}
         self._save_handle = None
         self._logged_once = set()
-        self._sampler = TreeSampler(clock=time.monotonic)
         self._background = set()
-        self._logs = {}              # path -> [RotatingLog, users]: instances may share a file
-        self._held = {}              # listen address -> [socket, {app groups}]
+        self._logs = {}                # path -> [RotatingLog, users]: instances may share a file
+        self._held = {}                # listen address -> socket, shared by every instance
 
-    # -- children -----------------------------------------------------------
+    # -- registry -----------------------------------------------------------
 
-    def _spawn_real(self, argv, cwd, env, out_fd, err_fd, listen_fds=()):
-        return _RealChild(spawn_process(argv, cwd, env, out_fd, err_fd, listen_fds))
+    def load(self, next_id, records):
+        self.next_id = next_id
+        for rec in sorted(records, key=lambda r: r.id):
+            app = self.apps[rec.id] = App(self, rec)
+            app.attach()
 
-    def held_sockets(self, proc):
-        """Return the listening sockets of proc's `listen`, binding each address once.
+    def by_name(self, name):
+        for app in self.apps.values():
+            if app.name == name:
+                return app
+        return None
 
-        Every instance of an app gets the same sockets, so they share the
-        port, and a reload's replacement accepts from the same queue.
-        """
-        group = proc.spec.base_name or proc.name
-        socks = []
-        for address in proc.spec.listen:
-            entry = self._held.get(address)
-            if entry is None:
-                entry = self._held[address] = [_bind_listener(address), set()]
-            entry[1].add(group)
-            socks.append(entry[0])
-        return socks
+    def unique_name(self, base):
+        """Return base, or base-1, base-2... when the name is taken."""
+        if self.by_name(base) is None:
+            return base
+        n = 1
+        while self.by_name(f"{base}-{n}") is not None:
+            n += 1
+        return f"{base}-{n}"
 
-    def release_sockets(self):
-        """Close held sockets that no registered app lists any more."""
-        wanted = {address for p in self.procs.values() for address in p.spec.listen}
-        for address in list(self._held):
-            if address not in wanted:
-                sock = self._held.pop(address)[0]
-                sock.close()
-                if address.startswith("unix:"):
-                    _unlink_quiet(address[5:])
+    def group_size(self, app):
+        """How many instances the app's group has now (derived, never stored)."""
+        base = app.spec.base_name or app.name
+        return sum(1 for a in self.apps.values() if (a.spec.base_name or a.name) == base)
 
-    def watch_child(self, child, on_exit):
-        if isinstance(child, _RealChild):
-            self.reaper.watch(child.pid, on_exit)
-        else:
-            child.on_exit = on_exit  # test doubles call it themselves
+    def add(self, spec, base_env):
+        """Register an app (not started); DuplicateProcess if the name is taken."""
+        if self.by_name(spec.name) is not None:
+            raise duplicate_app(spec.name)
+        # Not copied: apps started by one request share one environment (memory, state.json size).
+        rec = ProcessRecord(spec, id=self.next_id, created_at=time.time(), base_env=base_env)
+        self.next_id += 1
+        app = self.apps[rec.id] = App(self, rec)
+        app.attach()
+        self.save_soon()
+        return app
 
-    def on_sigchld(self, _signum=None):
-        self.reaper.reap()
+    def remove(self, app):
+        self.apps.pop(app.rec.id, None)
+        self.release_sockets()
+        self.save_soon()
+
+    def resolve(self, targets, missing_ok=False):
+        """Return the apps named by targets: id, name, base name of instances, namespace or "all"."""
+        found = []
+        for target in targets:
+            target = str(target).strip()
+            if target == "all":
+                matched = list(self.apps.values())
+            elif target.isdigit():
+                app = self.apps.get(int(target))
+                matched = [app] if app else []
+            else:
+                app = self.by_name(target)
+                matched = [app] if app else [a for a in self.apps.values() if a.spec.base_name == target]
+                if not matched:
+                    matched = [a for a in self.apps.values() if a.spec.namespace == target]
+            if not matched and target != "all" and not missing_ok:
+                raise ProcessNotFound(target)
+            for app in matched:
+                if app not in found:
+                    found.append(app)
+        return found
+
+    # -- events and persistence ------------------------------------------------
+
+    def emit(self, kind, app, **data):
+        for fn in list(self.listeners):
+            fn(kind, app, data)
+
+    def status_changed(self, app, old, new, reason):
+        if old != new:
+            self.log(f"{app.name}: {old} -> {new}" + (f" ({reason})" if reason else ""))
+        self.emit("status", app, old=old, new=new, reason=reason)
+        self.save_soon()
+
+    def save_soon(self):
+        """Save once at the end of this loop turn, however many changes it made."""
+        if self.persist and self._save_handle is None:
+            self._save_handle = self.loop.call_soon(self.save_now)
+
+    def save_now(self):
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+            self._save_handle = None
+        if not self.persist:
+            return
+        try:
+            save_state(self.home, self.next_id, [a.rec for a in self.apps.values()])
+        except OSError as exc:
+            self.log_once(f"cannot save state to {self.home.state!r}: {exc}")
+
+    def log_once(self, message):
+        if message not in self._logged_once:
+            self._logged_once.add(message)
+            self.log(message)
 
     def background(self, coro, what):
         """Run a task whose failure is logged rather than lost."""
@@ -5869,99 +5743,7 @@ class Supervisor:
         task.add_done_callback(done)
         return task
 
-    # -- registry -----------------------------------------------------------
-
-    def load(self, next_id, records):
-        self.next_id = next_id
-        for rec in sorted(records, key=lambda r: r.id):
-            proc = self.procs[rec.id] = ManagedProcess(self, rec)
-            proc.attach()
-
-    def by_name(self, name):
-        for proc in self.procs.values():
-            if proc.name == name:
-                return proc
-        return None
-
-    def unique_name(self, base):
-        """Return base, or base-1, base-2... when the name is taken."""
-        if self.by_name(base) is None:
-            return base
-        n = 1
-        while self.by_name(f"{base}-{n}") is not None:
-            n += 1
-        return f"{base}-{n}"
-
-    def add(self, spec, base_env):
-        """Register an app (not started); DuplicateProcess if the name is taken."""
-        if self.by_name(spec.name) is not None:
-            raise DuplicateProcess(
-                f"an app named {spec.name!r} already exists; restart it, delete it, or pick another --name")
-        # Not copied: apps started by one request share one environment (memory, state.json size).
-        rec = ProcessRecord(spec, id=self.next_id, created_at=time.time(), base_env=base_env)
-        self.next_id += 1
-        proc = ManagedProcess(self, rec)
-        self.procs[rec.id] = proc
-        proc.attach()
-        self.save_soon()
-        return proc
-
-    def remove(self, proc):
-        self.procs.pop(proc.rec.id, None)
-        self.release_sockets()
-        self.save_soon()
-
-    def resolve(self, targets, missing_ok=False):
-        """Return the apps named by targets: id, name, base name of instances, namespace or "all"."""
-        found = []
-        for target in targets:
-            target = str(target).strip()
-            if target == "all":
-                matched = list(self.procs.values())
-            elif target.isdigit():
-                proc = self.procs.get(int(target))
-                matched = [proc] if proc else []
-            else:
-                proc = self.by_name(target)
-                matched = [proc] if proc else [p for p in self.procs.values() if p.spec.base_name == target]
-                if not matched:
-                    matched = [p for p in self.procs.values() if p.spec.namespace == target]
-            if not matched and target != "all" and not missing_ok:
-                raise ProcessNotFound(target)
-            for proc in matched:
-                if proc not in found:
-                    found.append(proc)
-        return found
-
-    # -- persistence and events ------------------------------------------------
-
-    def status_changed(self, proc, old, new, reason):
-        if old != new:
-            self.log(f"{proc.name}: {old} -> {new}" + (f" ({reason})" if reason else ""))
-        for fn in list(self.status_listeners):
-            fn(proc, old, new, reason)
-        self.save_soon()
-
-    def save_soon(self):
-        """Save once at the end of this loop turn, however many changes it made."""
-        if self.persist and self._save_handle is None:
-            self._save_handle = self.loop.call_soon(self.save_now)
-
-    def save_now(self):
-        if self._save_handle is not None:
-            self._save_handle.cancel()
-            self._save_handle = None
-        if not self.persist:
-            return
-        try:
-            save_state(self.home, self.next_id, [p.rec for p in self.procs.values()])
-        except OSError as exc:
-            self.log_once(f"cannot save state to {self.home.state!r}: {exc}")
-
-    def log_once(self, message):
-        if message not in self._logged_once:
-            self._logged_once.add(message)
-            self.log(message)
+    # -- shared resources: log files, held sockets ------------------------------
 
     def acquire_log(self, path, policy):
         """Return the RotatingLog of a path, shared by every app that writes there."""
@@ -5981,150 +5763,134 @@ class Supervisor:
             log.close()
             del self._logs[log.path]
 
-    def emit_output(self, proc, stream, data):
-        for fn in list(self.output_listeners):
-            fn(proc, stream, data)
+    def move_log(self, old, new):
+        """Rename a log file (and its rotated files) that only one app writes."""
+        entry = self._logs.pop(old, None)
+        if entry is not None:
+            entry[0].close()
+        move_log_files(old, new)
+
+    def held_sockets(self, app):
+        """Return the listening sockets of the app's `listen`, binding each address once.
+
+        Every instance gets the same sockets, so they share the port, and a
+        reload's replacement accepts from the same queue.
+        """
+        socks = []
+        for address in app.spec.listen:
+            if address not in self._held:
+                self._held[address] = self.driver.bind_listener(address)
+            socks.append(self._held[address])
+        return socks
+
+    def release_sockets(self):
+        """Close held sockets that no registered app lists any more."""
+        wanted = {address for a in self.apps.values() for address in a.spec.listen}
+        for address in list(self._held):
+            if address not in wanted:
+                self.driver.unbind_listener(address, self._held.pop(address))
 
     # -- periodic work -------------------------------------------------------
 
-    def start_metrics(self):
-        """Sample CPU and memory every metrics_interval_s (OXMGR_METRICS_INTERVAL)."""
-        def sample():
+    def start_timers(self):
+        """The safety-net tick (reap, age-rotate logs) and the metrics samples."""
+        self._every("tick", TICK_S, self.tick)
+        self._every("metrics", self.metrics_interval_s, self.sample_metrics)
+
+    def _every(self, name, interval, fn):
+        def fire():
             try:
-                self.sample_metrics()
+                fn()
             finally:
-                self._metrics_timer = self.loop.call_later(self.metrics_interval_s, sample)
-        self._metrics_timer = self.loop.call_later(self.metrics_interval_s, sample)
-
-    def close(self):
-        """Release timers, watches and sockets (the daemon is exiting)."""
-        if self._metrics_timer is not None:
-            self._metrics_timer.cancel()
-        for proc in self.procs.values():
-            proc.detach()
-            proc._close_notify()
-            proc.close_logs()
-        self.watcher.close()
-        for sock, _ in self._held.values():
-            sock.close()
-        self._held = {}
-
-    async def run_command(self, command, env, cwd, timeout):
-        """Run a shell command (a health check); return (exit code or None on timeout, output)."""
-        out_r, out_w = make_pipe()
-        try:
-            child = spawn_process(["/bin/sh", "-c", command], cwd, env, out_w, out_w)
-        except SpawnError as exc:
-            close_fd(out_r)
-            return EXIT_NOT_FOUND, str(exc)
-        finally:
-            close_fd(out_w)
-        done = Future(self.loop)
-        self.reaper.watch(child.pid, done.set_result)
-        chunks = []
-
-        def read():
-            try:
-                data = os.read(out_r, READ_CHUNK)
-            except BlockingIOError:
-                return
-            except OSError:
-                data = b""
-            if data:
-                chunks.append(data)
-                del chunks[:-4]  # the tail is what explains a failure
-            else:
-                self.loop.remove_reader(out_r)
-
-        self.loop.add_reader(out_r, read)
-        try:
-            status = await wait_for(self.loop, done, timeout)
-            code, signum = decode_wait_status(status) if status is not None else (None, None)
-            code = exit_code_number(code, signum)
-        except LoopTimeout:
-            signal_group(child.pid, signal.SIGKILL)
-            code = None
-        finally:
-            self.loop.remove_reader(out_r)
-            if code is not None:
-                read()
-            close_fd(out_r)
-        if code is None:
-            status = await wait_for(self.loop, done, 5.0)
-        child.returncode = 0 if code is None else code
-        return code, b"".join(chunks)[-4096:].decode("utf-8", "replace")
+                self._timers[name] = self.loop.call_later(interval, fire)
+        self._timers[name] = self.loop.call_later(interval, fire)
 
     def tick(self):
-        """Safety net and housekeeping: reap, age-rotate logs."""
         self.reaper.reap()
-        for proc in self.procs.values():
-            for log in proc.logs.values():
+        for app in self.apps.values():
+            for log in app.logs.values():
                 if log.should_rotate_by_age():
                     try:
                         log.rotate()
                     except OSError as exc:
-                        self.log_once(f"{proc.name}: cannot rotate {log.path!r}: {exc}")
+                        self.log_once(f"{app.name}: cannot rotate {log.path!r}: {exc}")
 
     def sample_metrics(self):
-        live = [p for p in self.procs.values() if isinstance(p.child, _RealChild)]
+        live = [a for a in self.apps.values() if a.run is not None]
         if not live:
             return
         try:
-            roots = {p.child.pid: p.child.pid for p in live}
-            sample = self._sampler.sample(roots)
+            sample = self._sampler.sample({a.run.pid: a.run.pid for a in live}, self.driver.process_table())
         except OSError as exc:  # pragma: no cover
-            self.log_once(f"cannot read process table: {exc}")
+            self.log_once(f"cannot read the process table: {exc}")
             return
-        for p in live:
-            cpu, rss = sample.get(p.child.pid, (None, None))
-            p.cpu_percent, p.memory_bytes = cpu, rss
-            p.metrics_samples += 1
-            p.check_limits()
+        for app in live:
+            app.cpu_percent, app.memory_bytes = sample.get(app.run.pid, (None, None))
+            app.metrics_samples += 1
+            app.limits.sampled()
 
-    def waves(self, procs):
+    def close(self):
+        """Release timers, watches and sockets (the daemon is exiting)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        if self._save_handle is not None:
+            self._save_handle.cancel()
+        for app in self.apps.values():
+            app.detach()
+            app.close_notify()
+            app.close_logs()
+            if app.run is not None:
+                app.run.close()
+        self.watcher.close()
+        for address in list(self._held):
+            self.driver.unbind_listener(address, self._held.pop(address))
+        self.reaper.close()
+
+    # -- many apps at once -------------------------------------------------------
+
+    def waves(self, apps):
         """Group apps by dependency depth: each wave needs only earlier waves.
 
         depends_on names base names; within a wave, start_order then id.
         """
         by_base = {}
-        for p in procs:
-            by_base.setdefault(p.spec.base_name or p.name, []).append(p)
+        for a in apps:
+            by_base.setdefault(a.spec.base_name or a.name, []).append(a)
         depth = {}
 
         def level(base, path=()):
             if base not in depth:
                 if base in path:
                     return 0  # a cycle (validate rejects these); break it rather than recurse
-                deps = {d for p in by_base[base] for d in p.spec.depends_on if d in by_base and d != base}
+                deps = {d for a in by_base[base] for d in a.spec.depends_on if d in by_base and d != base}
                 depth[base] = 1 + max((level(d, path + (base,)) for d in deps), default=-1)
             return depth[base]
 
         waves = [[] for _ in range(1 + max((level(b) for b in by_base), default=-1))]
-        for p in sorted(procs, key=lambda p: (p.spec.start_order, p.rec.id)):
-            waves[depth[p.spec.base_name or p.name]].append(p)
+        for a in sorted(apps, key=lambda a: (a.spec.start_order, a.rec.id)):
+            waves[depth[a.spec.base_name or a.name]].append(a)
         return waves
 
-    async def launch(self, procs):
+    async def launch(self, apps):
         """Start the apps of one request; return the errors to report.
 
         Every app is checked now (program, permissions, cwd), so the usual
-        mistakes are reported. With several apps and nothing to wait for
-        (no readiness rule, no start delay), they show as starting at once and
-        are spawned in dependency order in the background: starting a hundred
-        apps should not hold the command for as long as they take to exec.
+        mistakes are reported. With several apps and nothing to wait for (no
+        readiness rule, no start delay), they show as starting at once and are
+        spawned in dependency order in the background: starting a hundred apps
+        should not hold the command for as long as they take to exec.
         """
         errors = []
         ok = []
-        for p in procs:
+        for app in apps:
             try:
-                p.precheck()
-                ok.append(p)
+                app.precheck()
+                ok.append(app)
             except SpawnError as exc:
                 errors.append(str(exc))
-        must_wait = len(ok) < 2 or any(p.needs_ready() or p.spec.start_delay_s > 0 for p in ok)
-        if must_wait:
+        if len(ok) < 2 or any(a.needs_ready() or a.spec.start_delay_s > 0 for a in ok):
             return errors + await self.start_in_order(ok)
-        marked = {p for p in ok if p.mark_starting()}
+        marked = {a for a in ok if a.mark_starting()}
 
         async def in_background():
             for error in await self.start_in_order(ok, launched=marked):
@@ -6132,218 +5898,26 @@ class Supervisor:
         self.background(in_background(), "start")
         return errors
 
-    async def start_in_order(self, procs, launched=()):
-        """Start apps dependencies first; return the SpawnError messages.
-
-        launched: the apps launch() marked starting (see ManagedProcess.start).
-        """
+    async def start_in_order(self, apps, launched=()):
+        """Start apps dependencies first; return the SpawnError messages."""
         errors = []
-        for wave in self.waves(procs):
-            for p in wave:
+        for wave in self.waves(apps):
+            for app in wave:
                 try:
-                    await p.start(launched=p in launched)
+                    await app.start(launched=app in launched)
                 except SpawnError as exc:
                     errors.append(str(exc))
         return errors
 
-    async def stop_all(self, procs, desired="stopped"):
+    async def stop_all(self, apps, desired="stopped"):
         """Stop apps in reverse dependency order: each wave in parallel, each app with its own timeout."""
-        for wave in reversed(self.waves(procs)):
-            results = await gather(self.loop, [p.stop(desired) for p in wave])
-            for exc in results:
+        for wave in reversed(self.waves(apps)):
+            for exc in await asyncio.gather(*[a.stop(desired) for a in wave], return_exceptions=True):
                 if isinstance(exc, BaseException):
                     self.log(f"stop failed: {exc}")
-
 # =============================================================================
-# 14. Daemon (async)
+# 14. Daemon: requests, the control server, recovery, shutdown
 # =============================================================================
-
-_OVERSIZE = object()   # queued in place of a request line that was too long
-
-
-def _consteq(a, b):
-    """Compare secrets in constant time (hmac would import OpenSSL)."""
-    try:
-        from _operator import _compare_digest
-    except ImportError:  # pragma: no cover
-        _compare_digest = None
-    if not isinstance(a, str) or not isinstance(b, str):
-        return False
-    if _compare_digest is not None:
-        return _compare_digest(a.encode(), b.encode())
-    result = len(a) ^ len(b)  # pragma: no cover
-    for x, y in zip(a.encode(), b.encode()):  # pragma: no cover
-        result |= x ^ y
-    return result == 0  # pragma: no cover
-
-
-def parse_address(text):
-    """Split "host:port" (or "[::1]:port"); raise ConfigError naming the variable."""
-    host, sep, port = text.strip().rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{ENV_DAEMON_ADDR}={text!r}: expected host:port like 127.0.0.1:7070")
-    return host, int(port)
-
-
-def is_loopback(host):
-    if host == "localhost":
-        return True
-    import ipaddress
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class _Connection:
-    """One client: newline-delimited JSON requests, answered in order."""
-
-    def __init__(self, daemon, sock, needs_token):
-        self.daemon = daemon
-        self.loop = daemon.loop
-        self.sock = sock
-        self.fd = sock.fileno()
-        self.needs_token = needs_token
-        self.streaming = False       # a follow request owns the connection now
-        self.closed = False
-        self.on_close = []
-        self._in = bytearray()
-        self._out = bytearray()
-        self._queue = []
-        self._busy = False
-        self._eof = False
-        self._discarding = False     # skipping the rest of an oversized line
-        self._writing = False
-        self._close_after_flush = False
-        self.loop.add_reader(self.fd, self._on_readable)
-
-    def _on_readable(self):
-        try:
-            data = self.sock.recv(READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close()
-            return
-        if not data:
-            self._eof = True
-            self.loop.remove_reader(self.fd)
-            if self.streaming:
-                self.close()  # the follower went away
-            else:
-                self._next()
-            return
-        if self.streaming:
-            return  # a follower has nothing more to say
-        self._in += data
-        while True:
-            end = self._in.find(b"\n")
-            if end < 0:
-                break
-            line = bytes(self._in[:end])
-            del self._in[:end + 1]
-            if self._discarding:
-                self._discarding = False
-            elif line.strip():
-                self._queue.append(line)
-        if len(self._in) > MAX_FRAME_BYTES:
-            self._in.clear()
-            if not self._discarding:
-                self._discarding = True
-                self._queue.append(_OVERSIZE)
-        self._next()
-
-    def _next(self):
-        if self._busy or self.closed or self.streaming:
-            return
-        if not self._queue:
-            if self._eof:
-                self.close_when_flushed()
-            return
-        line = self._queue.pop(0)
-        self._busy = True
-        self.daemon.sup.background(self._handle(line), "request")
-
-    async def _handle(self, line):
-        reply = None
-        try:
-            if line is _OVERSIZE:
-                raise IpcError(f"request exceeds {MAX_FRAME_BYTES} bytes; send one JSON object per line")
-            msg = decode(line)
-            if self.needs_token and not _consteq(msg.get("token"), self.daemon.token):
-                self.send(error_to_wire(IpcError(
-                    "unauthorized: send the token from daemon.token with every TCP request")))
-                self.close_when_flushed()
-                return
-            reply = await self.daemon.dispatch(msg, self)
-        except OxmgrError as exc:
-            reply = error_to_wire(exc)
-        except Cancelled:
-            raise
-        except Exception as exc:
-            import traceback
-            self.daemon.log("request failed:\n" + traceback.format_exc().rstrip())
-            reply = {"ok": False, "error": {"type": "InternalError",
-                                            "message": f"internal error: {type(exc).__name__}: {exc}"}}
-        finally:
-            self._busy = False
-        if reply is not None:
-            self.send(reply)
-        self._next()
-
-    def send(self, msg):
-        if self.closed:
-            return
-        self._out += encode(msg)
-        if len(self._out) > STREAM_HIGH_WATER:
-            self.daemon.log("dropping a follower that does not read its stream")
-            self.close()
-            return
-        self._flush()
-
-    def _flush(self):
-        if self.closed:
-            return
-        try:
-            sent = self.sock.send(self._out) if self._out else 0
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.close()
-            return
-        del self._out[:sent]
-        if self._out and not self._writing:
-            self.loop.add_writer(self.fd, self._flush)
-            self._writing = True
-        elif not self._out:
-            if self._writing:
-                self.loop.remove_writer(self.fd)
-                self._writing = False
-            if self._close_after_flush:
-                self.close()
-
-    def close_when_flushed(self):
-        self._close_after_flush = True
-        if not self._out:
-            self.close()
-
-    def close(self):
-        if self.closed:
-            return
-        self.closed = True
-        if not self._eof:
-            self.loop.remove_reader(self.fd)
-        if self._writing:
-            self.loop.remove_writer(self.fd)
-        try:
-            self.sock.close()
-        except OSError:  # pragma: no cover
-            pass
-        for fn in self.on_close:
-            fn()
-        self.on_close = []
-        self.daemon.connections.discard(self)
 
 
 def _arg_targets(msg):
@@ -6365,283 +5939,39 @@ def _arg_env(msg, key="env"):
         raise IpcError(f"'{key}': {exc}") from None
 
 
-class Daemon:
-    """The per-user daemon: control socket, supervisor, persistence, signals."""
+class Service:
+    """What a request can ask of the engine: one _handle_<op> per operation.
 
-    role = "daemon"
-    persist = True       # state.json: the daemon's apps outlive it
-    write_logs = True    # app output goes to log files
+    The daemon and the runtime both serve it over their control socket.
+    """
 
-    def __init__(self, home, log_file=None, reap_all=True):
-        self.home = home
-        self.log_file = log_file
-        self.reap_all = reap_all
-        self.exit_code = EXIT_OK
-        self.loop = None
-        self.sup = None
-        self.token = None
-        self.connections = set()
-        self.ready = None
+    def __init__(self, engine, request_shutdown):
+        self.engine = engine
+        self.home = engine.home
+        self.request_shutdown = request_shutdown
         self.started_at = time.time()
-        self._listeners = []
-        self._lock_fd = None
-        self._shutting_down = False
-        self._shutdown_signal = None
-        self._tick_handle = None
-        self._recovery = None
-        self._handlers = {
-            "ping": self._handle_ping, "start": self._handle_start, "stop": self._handle_stop,
-            "restart": self._handle_restart, "delete": self._handle_delete,
-            "list": self._handle_list, "status": self._handle_status, "logs": self._handle_logs,
-            "flush": self._handle_flush, "signal": self._handle_signal, "reset": self._handle_reset,
-            "shutdown": self._handle_shutdown, "apply": self._handle_apply, "reload": self._handle_reload,
-            "scale": self._handle_scale, "save": self._handle_save, "resurrect": self._handle_resurrect,
-        }
-
-    # -- logging ------------------------------------------------------------
-
-    def log(self, message):
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        try:
-            sys.stderr.write(f"{stamp} oxmgr[{os.getpid()}]: {message}\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):  # pragma: no cover
-            pass
-
-    def _reopen_log(self, _signum=None):
-        """SIGHUP: reopen daemon.log (after an external logrotate moved it)."""
-        if not self.log_file:
-            return
-        try:
-            fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_CLOEXEC, 0o600)
-        except OSError as exc:
-            self.log(f"cannot reopen {self.log_file!r}: {exc}")
-            return
-        sys.stderr.flush()
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
-        self.log("log reopened")
-
-    # -- lifecycle ------------------------------------------------------------
-
-    def run(self):
-        """Run in the foreground until shut down; return the exit code."""
-        home = self.home
-        warning = home.ensure()
-        self._lock_fd = os.open(home.lock, os.O_RDWR | os.O_CREAT | _O_CLOEXEC, 0o600)
-        if not lock_exclusive(self._lock_fd):
-            close_fd(self._lock_fd)
-            pid = _read_pid(home.pid_file)
-            raise DaemonAlreadyRunning(
-                f"a daemon is already running for {home.root!r}" + (f" (pid {pid})" if pid else ""))
-        try:
-            return self._run_locked(warning)
-        finally:
-            close_fd(self._lock_fd)
-
-    def _run_locked(self, warning):
-        home = self.home
-        if warning:
-            self.log(warning)
-        policy = LogPolicy.from_env()
-        self.loop = loop = EventLoop(log=self.log)
-        self.sup = sup = Supervisor(loop, home, log_policy=policy, reap_all=self.reap_all, log=self.log,
-                                    persist=self.persist, write_logs=self.write_logs)
-        self.ready = Event(loop)
-        try:
-            self._install_signals()
-            self._listen()
-            raise_fd_limit()  # after listen: start-up is counted until the socket accepts
-            atomic_write(home.pid_file, f"{os.getpid()}\n".encode())
-            self._load()
-            sd_notify(f"READY=1\nSTATUS=supervising {len(sup.procs)} apps\nMAINPID={os.getpid()}")
-            self._recovery = sup.background(self._recover(), "recovery")
-            self._tick_handle = loop.call_later(TICK_S, self._tick)
-            sup.start_metrics()
-            loop.run_forever()
-        finally:
-            self._cleanup()
-        self.log(f"{self.role} stopped")
-        return self.exit_code
-
-    def _install_signals(self):
-        # SIGCHLD first: nothing may exit unnoticed.
-        self.loop.add_signal_handler(signal.SIGCHLD, self.sup.on_sigchld)
-        self.loop.add_signal_handler(signal.SIGTERM, self.request_shutdown)
-        self.loop.add_signal_handler(signal.SIGINT, self.request_shutdown)
-        self.loop.add_signal_handler(signal.SIGHUP, self._reopen_log)
-
-    def _load(self):
-        next_id, records, warnings = load_state(self.home)
-        for w in warnings:
-            self.log(w)
-        self.sup.load(next_id, records)
-        self.log(f"daemon {__version__} started (pid {os.getpid()}, {len(records)} apps, home {self.home.root})")
-
-    def _listen(self):
-        import _socket  # socket.py would import enum: boot time is counted until this accepts
-        home = self.home
-        try:
-            os.unlink(home.sock)  # we hold the lock, so any socket file is stale
-        except FileNotFoundError:
-            pass
-        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        addr, dir_fd = unix_socket_path(home.sock)
-        old_umask = os.umask(0o177)  # the socket is born 0600: no window where others can connect
-        try:
-            sock.bind(addr)
-        finally:
-            os.umask(old_umask)
-            if dir_fd is not None:
-                close_fd(dir_fd)
-        os.chmod(home.sock, 0o600)
-        sock.listen(128)
-        sock.setblocking(False)
-        self._listeners.append(sock)
-        self.loop.add_reader(sock.fileno(), self._accept, sock, False)
-        text = os.environ.get(ENV_DAEMON_ADDR, "").strip()
-        if text:
-            self._listen_tcp(text)
-
-    def _listen_tcp(self, text):
-        import socket
-        host, port = parse_address(text)
-        if not is_loopback(host) and not env_flag(ENV_ALLOW_REMOTE):
-            raise ConfigError(f"{ENV_DAEMON_ADDR}={text!r} is not a loopback address; set "
-                              f"{ENV_ALLOW_REMOTE}=1 to listen there anyway (requests still need the token)")
-        self.token = os.urandom(24).hex()
-        atomic_write(self.home.token, self.token.encode())
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-        sock.setblocking(False)
-        bound = sock.getsockname()
-        atomic_write(os.path.join(self.home.root, "daemon.addr"), f"{host}:{bound[1]}\n".encode())
-        self._listeners.append(sock)
-        self.loop.add_reader(sock.fileno(), self._accept, sock, True)
-        self.log(f"also listening on {host}:{bound[1]} (token in {self.home.token})")
-
-    def _accept(self, lsock, is_tcp):
-        import _socket
-        while True:
-            try:
-                fd, _addr = lsock._accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self.log(f"accept failed: {exc}")
-                return
-            sock = _socket.socket(fileno=fd)
-            sock.setblocking(False)
-            if not is_tcp:
-                try:
-                    uid = peer_uid(sock)
-                except OSError:
-                    uid = None
-                if uid is not None and uid not in (os.getuid(), 0):
-                    self.log(f"refused a connection from uid {uid}")
-                    try:
-                        sock.send(encode(error_to_wire(IpcError("permission denied: not your daemon"))))
-                    except OSError:
-                        pass
-                    sock.close()
-                    continue
-            conn = _Connection(self, sock, needs_token=is_tcp)
-            self.connections.add(conn)
-
-    def _tick(self):
-        try:
-            self.sup.tick()
-        finally:
-            self._tick_handle = self.loop.call_later(TICK_S, self._tick)
-
-    async def _recover(self):
-        """Stop what a killed daemon left running, then start what should run."""
-        sup = self.sup
-        leftovers = [p for p in sup.procs.values() if _leftover_group(p.rec)]
-        if leftovers:
-            for p in leftovers:
-                self.log(f"{p.name}: stopping process group {p.rec.pgid} left by the previous daemon")
-            await gather(self.loop, [p._reap_group(p.rec.pgid, signal_stop=True) for p in leftovers])
-        for p in sup.procs.values():
-            p.rec.pgid = None
-        sup.save_now()
-        self.ready.set()
-        wanted = [p for p in sup.procs.values() if p.rec.desired == "running"]
-        for error in await sup.start_in_order(wanted):
-            self.log(error)
-
-    def request_shutdown(self, signum=None):
-        if self._shutting_down:
-            return
-        self._shutting_down = True
-        self._shutdown_signal = signum
-        self.sup.background(self._shutdown(), "shutdown")
-
-    async def _shutdown(self):
-        self.log("shutting down: stopping apps")
-        sd_notify("STOPPING=1")
-        for sock in self._listeners:
-            self.loop.remove_reader(sock.fileno())
-            sock.close()
-        self._listeners = []
-        try:
-            os.unlink(self.home.sock)
-        except OSError:
-            pass
-        if self._recovery is not None and not self._recovery.done():
-            self._recovery.cancel()
-        # desired=None: a shutdown never changes what the user asked to run.
-        await self.sup.stop_all(list(self.sup.procs.values()), desired=None)
-        self.sup.save_now()
-        self._finish()
-        self.loop.stop()
-
-    def _finish(self):
-        """Hook: the apps are stopped and the loop is about to end."""
-
-    def _cleanup(self):
-        for conn in list(self.connections):
-            conn.close()
-        for sock in self._listeners:
-            try:
-                sock.close()
-            except OSError:  # pragma: no cover
-                pass
-        for path in (self.home.sock, self.home.pid_file, self.home.token,
-                     os.path.join(self.home.root, "daemon.addr")):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
-        if self.sup is not None:
-            self.sup.close()
-        if self.loop is not None:
-            self.loop.close()
-
-    # -- requests -----------------------------------------------------------
+        self.shutting_down = False
+        self.ready = asyncio.Event()   # set once leftovers of a killed daemon are cleared
 
     async def dispatch(self, msg, conn):
         op = msg.get("op")
-        handler = self._handlers.get(op) if isinstance(op, str) else None
+        handler = getattr(self, f"_handle_{op}", None) if isinstance(op, str) and op.isidentifier() else None
         if handler is None:
             raise IpcError(f"unknown op {op!r}; this daemon speaks protocol {PROTOCOL_VERSION}")
         if op not in ("ping", "shutdown") and not self.ready.is_set():
             await self.ready.wait()
-        if self._shutting_down and op not in ("ping", "list", "status", "shutdown"):
+        if self.shutting_down and op not in ("ping", "list", "status", "shutdown"):
             raise DaemonNotRunning("the daemon is shutting down; try again in a moment")
         return await handler(msg, conn)
 
-    def _listing(self, procs):
-        return [p.describe() for p in procs]
+    def _listing(self, apps):
+        return [a.describe() for a in apps]
 
-    async def _handle_ping(self, msg, conn):
-        return {"ok": True, "pid": os.getpid(), "version": __version__, "protocol": PROTOCOL_VERSION,
-                "apps": len(self.sup.procs), "uptime_s": round(time.time() - self.started_at, 3),
-                "home": self.home.root}
+    def _targets(self, msg):
+        apps = self.engine.resolve(_arg_targets(msg), missing_ok=bool(msg.get("missing_ok")))
+        if not apps and msg.get("missing_ok"):
+            raise ProcessNotFound(", ".join(_arg_targets(msg)))
+        return apps
 
     def _specs_from(self, msg):
         """Validate the 'apps' of a request; names left out are picked from the command."""
@@ -6656,10 +5986,10 @@ class Daemon:
             raw = dict(raw)
             if not raw.get("name") and isinstance(raw.get("command"), str):
                 base = default_app_name(raw["command"])
-                name = self.sup.unique_name(base)
+                name = self.engine.unique_name(base)
                 n = 1
                 while name in taken:
-                    name = self.sup.unique_name(f"{base}-{n}")
+                    name = self.engine.unique_name(f"{base}-{n}")
                     n += 1
                 raw["name"] = name
             spec = AppSpec.from_dict(raw, where=f"app {raw.get('name') or i!r}")
@@ -6669,32 +5999,40 @@ class Daemon:
             specs.append(spec)
         return specs
 
+    async def _delete(self, apps):
+        await asyncio.gather(*[a.delete() for a in apps])
+        for a in apps:
+            self.engine.remove(a)
+
+    async def _handle_ping(self, msg, conn):
+        return {"ok": True, "pid": os.getpid(), "version": __version__, "protocol": PROTOCOL_VERSION,
+                "apps": len(self.engine.apps), "uptime_s": round(time.time() - self.started_at, 3),
+                "home": self.home.root}
+
     async def _handle_start(self, msg, conn):
-        sup = self.sup
+        engine = self.engine
         warnings = []
         if "targets" in msg:
-            started = sup.resolve(_arg_targets(msg), missing_ok=bool(msg.get("missing_ok")))
+            started = engine.resolve(_arg_targets(msg), missing_ok=bool(msg.get("missing_ok")))
             if not started:
                 raise ProcessNotFound(", ".join(_arg_targets(msg)))
         else:
             env = _arg_env(msg) or {}
-            specs = self._specs_from(msg)
             # "existing": "error" for `start <command>`; "start" for `start <config>` (PM2's habit)
             existing = msg.get("existing", "error")
             started = []
-            for spec in specs:
-                proc = sup.by_name(spec.name)
-                if proc is None:
-                    started.append(sup.add(spec, env))
-                elif existing != "start":
-                    raise DuplicateProcess(
-                        f"an app named {spec.name!r} already exists; restart it, delete it, or pick another --name")
-                else:
-                    if proc.spec.fingerprint() != spec.fingerprint():
-                        warnings.append(f"{spec.name}: already registered with a different definition; "
-                                        f"'oxmgr apply' replaces it")
-                    started.append(proc)
-        errors = await sup.launch(started)
+            for spec in self._specs_from(msg):
+                app = engine.by_name(spec.name)
+                if app is None:
+                    started.append(engine.add(spec, env))
+                    continue
+                if existing != "start":
+                    raise duplicate_app(spec.name)
+                if app.spec.fingerprint() != spec.fingerprint():
+                    warnings.append(f"{spec.name}: already registered with a different definition; "
+                                    f"'oxmgr apply' replaces it")
+                started.append(app)
+        errors = await engine.launch(started)
         if errors:
             raise SpawnError("; ".join(errors))
         return {"ok": True, "processes": self._listing(started), "warnings": warnings}
@@ -6705,7 +6043,7 @@ class Daemon:
         Instances dropped from an app (a smaller `instances`) are deleted; with
         prune, so is every app not named in 'keep' (all the files' apps).
         """
-        sup = self.sup
+        engine = self.engine
         env = _arg_env(msg) or {}
         specs = self._specs_from(msg)
         keep = msg.get("keep")
@@ -6713,135 +6051,122 @@ class Daemon:
             raise IpcError("'keep' must be a list of app names")
         wanted = {spec.name for spec in specs}
         bases = {spec.base_name or spec.name for spec in specs}
-        doomed = [p for p in sup.procs.values() if p.name not in wanted and (
-            (p.spec.base_name or p.name) in bases or (msg.get("prune") and keep is not None and p.name not in keep))]
-        results = [{"name": p.name, "action": "deleted"} for p in doomed]
-        await gather(self.loop, [p.delete() for p in doomed])
-        for p in doomed:
-            sup.remove(p)
+        shrunk = [a for a in engine.apps.values() if a.name not in wanted and (a.spec.base_name or a.name) in bases]
+        pruned = [a for a in engine.apps.values() if msg.get("prune") and keep is not None
+                  and a.name not in wanted and a.name not in keep and a not in shrunk]
+        results = [{"name": a.name, "action": "deleted"} for a in shrunk + pruned]
+        await self._delete(shrunk + pruned)
         errors = []
         touched = []
         for spec in specs:
-            proc = sup.by_name(spec.name)
+            app = engine.by_name(spec.name)
             try:
-                if proc is None:
-                    proc = sup.add(spec, env)
+                if app is None:
+                    app = engine.add(spec, env)
                     action = "created"
-                    await proc.start()
-                elif proc.spec.fingerprint() != spec.fingerprint():
+                    await app.start()
+                elif app.spec.fingerprint() != spec.fingerprint():
                     # Overlapping old and new is safe only on held sockets: a port the app binds
                     # itself would still be taken by the old process.
-                    if spec.listen and spec.listen == proc.spec.listen and proc.rec.status == Status.RUNNING:
+                    if spec.listen and spec.listen == app.spec.listen and app.state.status == Status.RUNNING:
                         action = "reloaded"
-                        await proc.reload(spec, env)
+                        await app.reload(spec, env)
                     else:
                         action = "replaced"
-                        await proc.replace(spec, env)
-                elif proc.rec.status in ALIVE_STATUSES:
+                        await app.replace(spec, env)
+                elif app.state.status in ALIVE_STATUSES:
                     action = "unchanged"
                 else:
                     action = "started"
-                    await proc.start()
+                    await app.start()
             except SpawnError as exc:
                 errors.append(str(exc))
                 action = "failed"
             results.append({"name": spec.name, "action": action})
-            touched.append(proc)
+            touched.append(app)
         reply = {"ok": True, "results": results, "processes": self._listing(touched)}
         if errors:
             reply["errors"] = errors
         return reply
 
-    def _targets(self, msg):
-        procs = self.sup.resolve(_arg_targets(msg), missing_ok=bool(msg.get("missing_ok")))
-        if not procs and msg.get("missing_ok"):
-            raise ProcessNotFound(", ".join(_arg_targets(msg)))
-        return procs
-
     async def _handle_stop(self, msg, conn):
-        procs = self._targets(msg)
-        await self.sup.stop_all(procs)
-        return {"ok": True, "processes": self._listing(procs)}
+        apps = self._targets(msg)
+        await self.engine.stop_all(apps)
+        return {"ok": True, "processes": self._listing(apps)}
 
     async def _handle_restart(self, msg, conn):
-        procs = self._targets(msg)
+        apps = self._targets(msg)
         env = _arg_env(msg) if msg.get("update_env") else None
-        results = await gather(self.loop, [p.restart(base_env=env) for p in procs])
-        errors = [str(r) for r in results if isinstance(r, BaseException)]
+        results = await asyncio.gather(*[a.restart(base_env=env) for a in apps], return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, SpawnError):
+                raise result
+        errors = [str(r) for r in results if isinstance(r, SpawnError)]
         if errors:
             raise SpawnError("; ".join(errors))
-        return {"ok": True, "processes": self._listing(procs)}
+        return {"ok": True, "processes": self._listing(apps)}
 
     async def _handle_delete(self, msg, conn):
-        procs = self._targets(msg)
-        listing = self._listing(procs)
-        await gather(self.loop, [p.delete() for p in procs])
-        for p in procs:
-            self.sup.remove(p)
+        apps = self._targets(msg)
+        listing = self._listing(apps)
+        await self._delete(apps)
         return {"ok": True, "processes": listing}
 
     async def _handle_reload(self, msg, conn):
         """Reload apps one at a time, so some instance always serves; stop at the first failure."""
-        procs = self._targets(msg)
+        apps = self._targets(msg)
         env = _arg_env(msg) if msg.get("update_env") else None
         done = []
-        for p in procs:
+        for app in apps:
             try:
-                await p.reload(base_env=env)
+                await app.reload(base_env=env)
             except SpawnError as exc:
                 note = f" (already reloaded: {', '.join(d.name for d in done)})" if done else ""
                 raise SpawnError(f"{exc}{note}") from None
-            done.append(p)
+            done.append(app)
         return {"ok": True, "processes": self._listing(done)}
 
     async def _handle_scale(self, msg, conn):
         """Grow or shrink an app's instances: name-0 .. name-(count-1), on the same held sockets."""
-        sup = self.sup
+        engine = self.engine
         name = msg.get("name")
         count = msg.get("count")
         if not isinstance(name, str) or not isinstance(count, int) or isinstance(count, bool) or count < 1:
             raise IpcError("scale needs 'name' and a 'count' >= 1")
-        group = sorted((p for p in sup.procs.values() if (p.spec.base_name or p.name) == name),
-                       key=lambda p: (p.spec.instance if p.spec.instance is not None else -1, p.rec.id))
+        group = sorted((a for a in engine.apps.values() if (a.spec.base_name or a.name) == name),
+                       key=lambda a: (a.spec.instance if a.spec.instance is not None else -1, a.rec.id))
         if not group:
             raise ProcessNotFound(name)
         first = group[0]
+        names = [f"{name}-{i}" for i in range(len(group), count)]
         if len(group) == 1 and first.spec.instance is None and count > 1:
-            # One plain app becomes the first of a group: web -> web-0.
-            taken = sup.by_name(f"{name}-0")
-            if taken is not None:
-                raise DuplicateProcess(f"cannot scale {name!r}: an app named {name}-0 already exists")
-            first.close_logs()
-            first.rec.spec = first.spec.replace(name=f"{name}-0", base_name=name, instance=0)
+            names.append(f"{name}-0")
+        taken = [n for n in names if engine.by_name(n) is not None]
+        if taken:
+            raise DuplicateProcess(f"cannot scale {name!r}: an app named {taken[0]} already exists")
+        if len(group) == 1 and first.spec.instance is None and count > 1:
+            # One plain app becomes the first of a group: web -> web-0; it keeps running.
+            first.rename(first.spec.replace(name=f"{name}-0", base_name=name, instance=0))
         template = first.spec
-        for p in group:
-            p.rec.spec = p.spec.replace(instances=count)
-        added = []
-        for i in range(len(group), count):
-            spec = template.replace(name=f"{name}-{i}", base_name=name, instance=i, instances=count)
-            if sup.by_name(spec.name) is not None:
-                raise DuplicateProcess(f"cannot scale {name!r}: an app named {spec.name} already exists")
-            added.append(sup.add(spec, first.rec.base_env))
+        added = [engine.add(template.replace(name=f"{name}-{i}", base_name=name, instance=i), first.rec.base_env)
+                 for i in range(len(group), count)]
         doomed = group[count:]
-        await gather(self.loop, [p.delete() for p in doomed])
-        for p in doomed:
-            sup.remove(p)
-        errors = await sup.start_in_order(added)
-        sup.save_soon()
+        await self._delete(doomed)
+        errors = await engine.start_in_order(added)
         if errors:
             raise SpawnError("; ".join(errors))
-        kept = group[:count] + added
-        return {"ok": True, "processes": self._listing(kept), "added": len(added), "removed": len(doomed)}
+        return {"ok": True, "processes": self._listing(group[:count] + added), "added": len(added),
+                "removed": len(doomed)}
 
     async def _handle_save(self, msg, conn):
-        procs = list(self.sup.procs.values())
-        data = {"version": 1, "saved_at": time.time(), "processes": [p.rec.to_dict() for p in procs]}
-        atomic_write(self.home.dump, json_dumps(data).encode())
-        return {"ok": True, "path": self.home.dump, "count": len(procs)}
+        apps = list(self.engine.apps.values())
+        data = {"version": 1, "saved_at": time.time(), "processes": [a.rec.to_dict() for a in apps]}
+        atomic_write(self.home.dump, to_json(data).encode())
+        return {"ok": True, "path": self.home.dump, "count": len(apps)}
 
     async def _handle_resurrect(self, msg, conn):
         """Bring back what `save` wrote: missing apps are added, those that were running are started."""
-        sup = self.sup
+        engine = self.engine
         try:
             with open(self.home.dump, "rb") as f:
                 raw = f.read()
@@ -6854,33 +6179,32 @@ class Daemon:
         warnings = []
         to_start = []
         for rec in records:
-            proc = sup.by_name(rec.name)
-            if proc is None:
-                proc = sup.add(rec.spec, rec.base_env or {})
-            elif proc.spec.fingerprint() != rec.spec.fingerprint():
+            app = engine.by_name(rec.name)
+            if app is None:
+                app = engine.add(rec.spec, rec.base_env or {})
+            elif app.spec.fingerprint() != rec.spec.fingerprint():
                 warnings.append(f"{rec.name}: already registered with a different definition; left as it is")
             if rec.desired == "running" or rec.status in ALIVE_STATUSES:
-                to_start.append(proc)
-        errors = await sup.start_in_order(to_start)
+                to_start.append(app)
+        errors = await engine.start_in_order(to_start)
         if errors:
             raise SpawnError("; ".join(errors))
         return {"ok": True, "processes": self._listing(to_start), "warnings": warnings}
 
     async def _handle_list(self, msg, conn):
-        return {"ok": True, "processes": self._listing(self.sup.procs.values())}
+        return {"ok": True, "processes": self._listing(self.engine.apps.values())}
 
     async def _handle_status(self, msg, conn):
-        procs = self.sup.resolve(_arg_targets(msg))
         out = []
-        for p in procs:
-            info = p.describe()
-            info["stderr_tail"] = p.stderr_tail(5) if p.rec.status in (Status.CRASHED, Status.ERRORED) else []
+        for app in self.engine.resolve(_arg_targets(msg)):
+            info = app.describe()
+            info["stderr_tail"] = app.stderr_tail(5) if app.state.status in (Status.CRASHED, Status.ERRORED) else []
             out.append(info)
         return {"ok": True, "processes": out}
 
     async def _handle_logs(self, msg, conn):
         targets = msg.get("targets") or ["all"]
-        procs = self.sup.resolve(_arg_targets({"targets": targets}))
+        apps = self.engine.resolve(_arg_targets({"targets": targets}))
         lines = msg.get("lines", DEFAULT_LOG_LINES)
         if not isinstance(lines, int) or isinstance(lines, bool) or lines < 0:
             raise IpcError("'lines' must be a whole number >= 0")
@@ -6888,81 +6212,238 @@ class Daemon:
         if not isinstance(streams, list) or not set(streams) <= {"out", "err"}:
             raise IpcError("'streams' must be a list of 'out' and 'err'")
         tail = []
-        for p in procs:
+        for app in apps:
             for stream in streams:
-                for raw in tail_log(p.log_path(stream), lines):
-                    tail.append({"app": p.name, "stream": stream, "line": raw.decode("utf-8", "replace")})
+                for raw in tail_log(app.log_path(stream), lines):
+                    tail.append({"app": app.name, "stream": stream, "line": raw.decode("utf-8", "replace")})
         if not msg.get("follow"):
             return {"ok": True, "lines": tail}
         # Subscribe in the same loop turn as the tail was read: nothing written
         # in between can be missed or shown twice.
-        ids = None if "all" in targets else {p.rec.id for p in procs}
-        partial = {}
+        ids = None if "all" in targets else {a.rec.id for a in apps}
 
-        def listener(proc, stream, data):
-            if (ids is not None and proc.rec.id not in ids) or stream not in streams:
+        def listener(kind, app, data):
+            if kind != "output" or (ids is not None and app.rec.id not in ids) or data["stream"] not in streams:
                 return
-            key = (proc.rec.id, stream)
-            pieces = (partial.pop(key, b"") + data).split(b"\n")
-            rest = pieces.pop()
-            if len(rest) > MAX_FRAME_BYTES // 2:
-                pieces.append(rest)
-                rest = b""
-            if rest:
-                partial[key] = rest
+            pieces = data["data"].split(b"\n")
+            if not pieces[-1]:
+                pieces.pop()  # whole lines: the last newline ends the chunk
             for piece in pieces:
-                conn.send({"app": proc.name, "stream": stream, "line": piece.decode("utf-8", "replace")})
+                conn.send({"app": app.name, "stream": data["stream"], "line": piece.decode("utf-8", "replace")})
 
-        self.sup.output_listeners.append(listener)
-        conn.on_close.append(lambda: self.sup.output_listeners.remove(listener))
+        self.engine.listeners.append(listener)
+        conn.on_close.append(lambda: self.engine.listeners.remove(listener))
         conn.streaming = True
         return {"ok": True, "lines": tail, "follow": True}
 
     async def _handle_flush(self, msg, conn):
-        procs = self.sup.resolve(_arg_targets({"targets": msg.get("targets") or ["all"]}))
-        for p in procs:
+        apps = self.engine.resolve(_arg_targets({"targets": msg.get("targets") or ["all"]}))
+        for app in apps:
             for stream in ("out", "err"):
                 try:
-                    p.log(stream).truncate()
+                    app.log(stream).truncate()
                 except OSError as exc:
-                    raise OxmgrError(f"cannot flush {p.log_path(stream)!r}: {exc}") from None
-        return {"ok": True, "processes": self._listing(procs)}
+                    raise OxmgrError(f"cannot flush {app.log_path(stream)!r}: {exc}") from None
+        return {"ok": True, "processes": self._listing(apps)}
 
     async def _handle_signal(self, msg, conn):
         try:
             signum = parse_signal(msg.get("signal"))
         except ValueError as exc:
             raise IpcError(str(exc)) from None
-        procs = self.sup.resolve(_arg_targets(msg))
-        sent = [p for p in procs if p.send_signal(signum)]
+        sent = [a for a in self.engine.resolve(_arg_targets(msg)) if a.send_signal(signum)]
         if not sent:
             raise OxmgrError(f"no running process to send {signal_name(signum)} to; start it first")
         return {"ok": True, "signal": signal_name(signum), "processes": self._listing(sent)}
 
     async def _handle_reset(self, msg, conn):
-        procs = self.sup.resolve(_arg_targets(msg))
-        for p in procs:
-            p.reset()
-        return {"ok": True, "processes": self._listing(procs)}
+        apps = self.engine.resolve(_arg_targets(msg))
+        for app in apps:
+            app.reset()
+        return {"ok": True, "processes": self._listing(apps)}
 
     async def _handle_shutdown(self, msg, conn):
-        self.loop.call_soon(self.request_shutdown)
+        self.engine.loop.call_soon(self.request_shutdown)
         return {"ok": True, "pid": os.getpid()}
 
 
-def _leftover_group(rec):
-    """Return True when rec's process group from a previous daemon still exists.
+class _Connection:
+    """One client of the control server: replies and streamed messages go out in order."""
 
-    The leader must be the same process (pid, start time and group), or be
-    gone while members remain: a group id is not reused while it has members.
+    def __init__(self, writer):
+        self.writer = writer
+        self.streaming = False     # a follow request owns the connection now
+        self.closed = False
+        self.on_close = []
+
+    def send(self, msg):
+        if self.closed:
+            return
+        self.writer.write(encode(msg))
+        if self.writer.transport.get_write_buffer_size() > STREAM_HIGH_WATER:
+            self.close()  # a follower that does not read its stream is dropped
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.writer.close()
+        for fn in self.on_close:
+            fn()
+        self.on_close = []
+
+
+class ControlServer:
+    """The control socket: newline-delimited JSON requests, answered in order, on every connection.
+
+    The Unix socket is born 0600 in a 0700 home, and a peer of another user
+    is refused (its uid from the kernel); TCP (OXMGR_DAEMON_ADDR, or where
+    there are no Unix sockets) is loopback unless allowed, and every request
+    carries the token from daemon.token.
     """
-    pgid = rec.pgid
-    if not pgid:
+
+    def __init__(self, home, service, log, driver=None):
+        self.home = home
+        self.service = service
+        self.log = log
+        self.driver = driver or DRIVER
+        self.token = None
+        self._sockets = []       # (listening socket, needs_token), bound before asyncio is imported
+        self._servers = []
+        self.connections = set()
+
+    def bind(self):
+        """Bind and listen now: clients can connect (and wait) while the daemon finishes booting."""
+        home, driver = self.home, self.driver
+        if driver.unix_sockets:
+            _unlink_quiet(home.sock)  # we hold the lock, so any socket file is stale
+            sock = driver.bind_unix(home.sock)
+            os.chmod(home.sock, 0o600)
+            sock.listen(128)
+            self._sockets.append((sock, False))
+        text = os.environ.get(ENV_DAEMON_ADDR, "").strip() or ("" if driver.unix_sockets else "127.0.0.1:0")
+        if text:
+            self._bind_tcp(text)
+
+    def _bind_tcp(self, text):
+        try:
+            host, port = split_host_port(text)
+        except ValueError:
+            raise ConfigError(f"{ENV_DAEMON_ADDR}={text!r}: expected host:port like 127.0.0.1:7070") from None
+        if not is_loopback(host) and not env_flag(ENV_ALLOW_REMOTE):
+            raise ConfigError(f"{ENV_DAEMON_ADDR}={text!r} is not a loopback address; set "
+                              f"{ENV_ALLOW_REMOTE}=1 to listen there anyway (requests still need the token)")
+        self.token = os.urandom(24).hex()
+        atomic_write(self.home.token, self.token.encode())
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((host, port))
+        sock.listen(128)
+        bound = sock.getsockname()[1]
+        atomic_write(self.home.addr, f"{host}:{bound}\n".encode())
+        self._sockets.append((sock, True))
+        self.log(f"also listening on {host}:{bound} (token in {self.home.token})")
+
+    async def serve(self):
+        for sock, needs_token in self._sockets:
+            self._servers.append(await asyncio.start_server(
+                lambda r, w, t=needs_token: self._serve_connection(r, w, t), sock=sock))
+
+    def close(self):
+        for server in self._servers:
+            server.close()
+        for sock, _ in self._sockets:
+            sock.close()
+        self._servers, self._sockets = [], []
+        for conn in list(self.connections):
+            conn.close()
+        for path in (self.home.sock, self.home.token, self.home.addr):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _refused(self, writer):
+        """True (and the peer told why) when a Unix peer is another user."""
+        try:
+            uid = self.driver.peer_uid(writer.get_extra_info("socket"))
+        except OSError:
+            uid = None
+        if uid is None or self.driver.trusted_uid(uid):
+            return False
+        self.log(f"refused a connection from uid {uid}")
+        writer.write(encode(error_to_wire(IpcError("permission denied: not your daemon"))))
+        return True
+
+    async def _serve_connection(self, reader, writer, needs_token):
+        conn = _Connection(writer)
+        if not needs_token and self._refused(writer):
+            conn.close()
+            return
+        self.connections.add(conn)
+        framer = LineBuffer(MAX_FRAME_BYTES)
+        try:
+            while not conn.closed:
+                try:
+                    data = await reader.read(READ_CHUNK)
+                except OSError:
+                    break
+                if not data:
+                    break
+                if conn.streaming:
+                    continue  # a follower has nothing more to say
+                starts = framer.at_line_start
+                lines = framer.feed(data).split(b"\n")
+                tail = lines.pop()              # b"" unless an overlong frame was cut
+                tail_is_new = starts or bool(lines)
+                if not starts and lines:
+                    del lines[0]                # the end of a frame already refused as too long
+                for line in lines:
+                    if line.strip() and not await self._answer(conn, line, needs_token):
+                        return
+                if tail and tail_is_new:
+                    await self._reply(conn, error_to_wire(IpcError(
+                        f"request exceeds {MAX_FRAME_BYTES} bytes; send one JSON object per line")))
+        finally:
+            self.connections.discard(conn)
+            conn.close()
+
+    async def _reply(self, conn, reply):
+        conn.send(reply)
+        try:
+            await conn.writer.drain()
+        except OSError:
+            conn.close()
+
+    async def _answer(self, conn, line, needs_token):
+        """Answer one request; False when the connection must end (a bad token)."""
+        try:
+            msg = decode(line)
+            if needs_token:
+                import hmac  # only in TCP mode: it loads OpenSSL's hashes, ~4 MiB
+                if not hmac.compare_digest(str(msg.get("token", "")).encode(), self.token.encode()):
+                    await self._reply(conn, error_to_wire(IpcError(
+                        "unauthorized: send the token from daemon.token with every TCP request")))
+                    return False
+            reply = await self.service.dispatch(msg, conn)
+        except OxmgrError as exc:
+            reply = error_to_wire(exc)
+        except Exception as exc:  # a bug must not kill the daemon: it is logged and answered
+            import traceback
+            self.log("request failed:\n" + traceback.format_exc().rstrip())
+            reply = {"ok": False, "error": {"type": "InternalError",
+                                            "message": f"internal error: {type(exc).__name__}: {exc}"}}
+        await self._reply(conn, reply)
+        return True
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
         return False
-    stats = read_stats(pgid)
-    if stats is not None and stats.state != "Z":
-        return stats.pgid == pgid and (rec.start_ticks is None or stats.start_ticks == rec.start_ticks)
-    return group_alive(pgid)
 
 
 def _read_pid(path):
@@ -6973,98 +6454,252 @@ def _read_pid(path):
         return None
 
 
-# Signals a container's PID 1 passes on to the apps (tini forwards everything
-# it can catch; SIGTERM and SIGINT mean "stop everything" instead).
-FORWARDED_SIGNALS = tuple(getattr(signal, name) for name in (
-    "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGQUIT", "SIGCONT", "SIGALRM", "SIGURG", "SIGPWR", "SIGINFO")
-    if hasattr(signal, name))
+class Host:
+    """What the daemon and the runtime share: the lock, the control socket, stop signals, shutdown.
+
+    run(main) takes the lock and binds the socket before asyncio is even
+    imported (a client can connect at once and waits for its answer), then
+    runs main(host) on the loop until a stop signal or a shutdown request.
+    """
+
+    def __init__(self, home, log, role="daemon"):
+        self.home = home
+        self.log = log
+        self.role = role
+        self.exit_code = EXIT_OK
+        self.engine = None
+        self.service = None
+        self.server = None
+        self.on_shutdown = []     # coroutine functions awaited once the apps are stopped
+        self.tasks = []           # tasks a shutdown cancels first (the daemon's recovery)
+        self._stopping = None
+
+    def run(self, main, warning=None):
+        home = self.home
+        lock_fd = DRIVER.lock(home.lock)
+        if lock_fd is None:
+            pid = _read_pid(home.pid_file)
+            raise DaemonAlreadyRunning(
+                f"a {self.role} is already running for {home.root!r}" + (f" (pid {pid})" if pid else ""))
+        try:
+            if warning:
+                self.log(warning)
+            self.server = ControlServer(home, None, self.log)
+            self.server.bind()
+            load_asyncio().run(self._main(main))
+        finally:
+            if self.server is not None:
+                self.server.close()
+            for path in (home.pid_file,):
+                try:
+                    os.unlink(path)
+                except OSError:
+                    pass
+            close_fd(lock_fd)
+        self.log(f"{self.role} stopped")
+        return self.exit_code
+
+    async def _main(self, main):
+        loop = asyncio.get_running_loop()
+        self._stopping = loop.create_future()
+        DRIVER.add_signal_handlers(loop, {name: self.request_shutdown for name in DRIVER.stop_signals})
+        try:
+            await main(self)
+            await self._stopping
+            await self._shutdown()
+        finally:
+            if self.engine is not None:
+                self.engine.close()
+
+    def open(self, engine, service):
+        """Attach the engine and the service; the control socket starts answering."""
+        self.engine, self.service = engine, service
+        self.server.service = service
+        return self.server.serve()
+
+    def request_shutdown(self, signum=None):
+        if self._stopping is not None and not self._stopping.done():
+            self._stopping.set_result(signum)
+
+    async def _shutdown(self):
+        self.log("shutting down: stopping apps")
+        DRIVER.sd_notify("STOPPING=1")
+        self.service.shutting_down = True
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        engine = self.engine
+        # desired=None: a shutdown never changes what the user asked to run.
+        await engine.stop_all(list(engine.apps.values()), desired=None)
+        engine.save_now()
+        for fn in self.on_shutdown:
+            await fn()
+
+
+class Daemon:
+    """The per-user daemon: the engine with persistence, recovery after a kill -9, SIGHUP."""
+
+    def __init__(self, home, log_file=None):
+        self.home = home
+        self.log_file = log_file
+        self.host = Host(home, _stderr_log)
+
+    def run(self):
+        """Run in the foreground until shut down; return the exit code."""
+        return self.host.run(self._main, self.home.ensure())
+
+    async def _main(self, host):
+        loop = asyncio.get_running_loop()
+        home = self.home
+        engine = Engine(loop, home, reap_all=True, log=host.log)
+        service = Service(engine, host.request_shutdown)
+        await host.open(engine, service)
+        DRIVER.raise_fd_limit()  # after the socket: start-up is counted until it accepts
+        DRIVER.add_signal_handlers(loop, {"SIGHUP": self._reopen_log})
+        atomic_write(home.pid_file, f"{os.getpid()}\n".encode())
+        next_id, records, warnings = load_state(home)
+        for w in warnings:
+            host.log(w)
+        engine.load(next_id, records)
+        host.log(f"daemon {__version__} started (pid {os.getpid()}, {len(records)} apps, home {home.root})")
+        DRIVER.sd_notify(f"READY=1\nSTATUS=supervising {len(records)} apps\nMAINPID={os.getpid()}")
+        engine.start_timers()
+        host.tasks.append(engine.background(self._recover(engine, service), "recovery"))
+
+    async def _recover(self, engine, service):
+        """Stop what a killed daemon left running, then start what should run."""
+        leftovers = [a for a in engine.apps.values()
+                     if a.rec.pgid and engine.driver.leftover_tree(a.rec.pgid, a.rec.start_ticks)]
+        for a in leftovers:
+            engine.log(f"{a.name}: stopping process group {a.rec.pgid} left by the previous daemon")
+        await asyncio.gather(*[stop_tree(engine, a.rec.pgid, parse_signal(a.spec.stop_signal), a.spec.stop_timeout_s)
+                               for a in leftovers])
+        for a in engine.apps.values():
+            a.rec.pgid = None
+        engine.save_now()
+        service.ready.set()
+        for error in await engine.start_in_order([a for a in engine.apps.values() if a.rec.desired == "running"]):
+            engine.log(error)
+
+    def _reopen_log(self, _signum=None):
+        """SIGHUP: reopen daemon.log (after an external logrotate moved it)."""
+        if not self.log_file:
+            return
+        try:
+            fd = os.open(self.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self.host.log(f"cannot reopen {self.log_file!r}: {exc}")
+            return
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        self.host.log("log reopened")
+
+
+def run_daemon(home=None, log_file=None):
+    """Run the daemon in the foreground until it is shut down; return the exit code."""
+    return Daemon(home or Home(), log_file=log_file).run()
+# =============================================================================
+# 15. Foreground runtime: PID 1 for containers
+# =============================================================================
+
 _APP_COLOURS = ("36", "33", "32", "35", "34", "96", "93", "92", "95", "94")
 CONSOLE_BUFFER_BYTES = 4 << 20
 
 
-class _Console:
+class _Drain:
+    """The protocol of a console write pipe: its end is all we need to know."""
+
+    def __init__(self):
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport):
+        pass
+
+    def connection_lost(self, exc):
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self):
+        pass
+
+    def resume_writing(self):
+        pass
+
+
+class Console:
     """Write apps' lines to our stdout/stderr without ever blocking the loop.
 
-    A pipe (docker's log driver) is written non-blocking, with a bounded
-    buffer: a log reader that stops reading costs lines, never reaping. A
-    terminal is written directly.
+    A pipe (docker's log driver) is written through an asyncio transport with
+    a bounded buffer: a reader that stops reading costs lines (counted and
+    reported), never the supervisor's attention. A terminal or a file is
+    written directly.
     """
 
-    def __init__(self, loop):
-        self.loop = loop
-        self.buffers = {1: bytearray(), 2: bytearray()}
+    def __init__(self):
+        self.pipes = {}            # fd -> (transport, protocol, was blocking)
         self.dropped = {1: 0, 2: 0}
-        self.blocking = {}
+
+    async def open(self):
+        import stat as stat_mod
+        loop = asyncio.get_running_loop()
         for fd in (1, 2):
             try:
-                if not os.isatty(fd):
-                    self.blocking[fd] = os.get_blocking(fd)
-                    os.set_blocking(fd, False)
+                mode = os.fstat(fd).st_mode
             except OSError:
-                pass
+                continue
+            if stat_mod.S_ISFIFO(mode) or stat_mod.S_ISSOCK(mode):
+                blocking = os.get_blocking(fd)
+                transport, protocol = await loop.connect_write_pipe(_Drain, open(os.dup(fd), "wb", buffering=0))
+                self.pipes[fd] = (transport, protocol, blocking)
 
     def write(self, fd, data):
-        buf = self.buffers[fd]
-        if len(buf) + len(data) > CONSOLE_BUFFER_BYTES:
+        pipe = self.pipes.get(fd)
+        if pipe is None:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            except OSError:
+                pass  # nowhere to write: nothing more to do
+            return
+        transport = pipe[0]
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() + len(data) > CONSOLE_BUFFER_BYTES:
             self.dropped[fd] += data.count(b"\n")
             return
         if self.dropped[fd]:
-            buf += b"oxmgr | %d lines dropped: the reader of this stream was too slow\n" % self.dropped[fd]
+            transport.write(b"oxmgr | %d lines dropped: the reader of this stream was too slow\n" % self.dropped[fd])
             self.dropped[fd] = 0
-        was_empty = not buf
-        buf += data
-        if was_empty:
-            self._flush(fd)
+        transport.write(data)
 
-    def _flush(self, fd):
-        buf = self.buffers[fd]
-        try:
-            sent = os.write(fd, buf) if buf else 0
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            sent = len(buf)  # the reader is gone: nothing more to do
-        del buf[:sent]
-        try:
-            if buf:
-                self.loop.add_writer(fd, self._flush, fd)
-            else:
-                self.loop.remove_writer(fd)
-        except (ValueError, OSError):  # pragma: no cover  (a regular file is always writable)
-            pass
-
-    def close(self):
-        """Write what is left, blocking, and give the descriptors back as they were."""
-        for fd, buf in self.buffers.items():
+    async def close(self, timeout=5.0):
+        """Write what is left (a reader gets timeout seconds), and give the descriptors back as they were."""
+        for fd, (transport, protocol, blocking) in self.pipes.items():
+            transport.close()
             try:
-                self.loop.remove_writer(fd)
-            except (ValueError, OSError):  # pragma: no cover
-                pass
-            if fd in self.blocking:
-                os.set_blocking(fd, self.blocking[fd])
-            try:
-                while buf:
-                    del buf[:os.write(fd, buf)]
-            except OSError:
-                pass
+                await asyncio.wait_for(protocol.closed, timeout)
+            except asyncio.TimeoutError:
+                transport.abort()
+            os.set_blocking(fd, blocking)  # the transport made the shared description non-blocking
+        self.pipes = {}
 
 
-class Runtime(Daemon):
+class Foreground:
     """The supervisor in the foreground, for containers: `oxmgr runtime`.
 
-    The same engine as the daemon, with PID 1's duties added: every zombie
-    is reaped (as PID 1, or as a child subreaper), signals are forwarded to
-    the apps, output goes to our own stdout/stderr with `name |` prefixes,
-    and the exit code is the apps' (tini's rule for one app).
+    The same engine as the daemon, composed with a console and PID 1's
+    duties: every zombie is reaped (as PID 1, or as a child subreaper),
+    signals are forwarded to the apps, output goes to our own stdout/stderr
+    with `name |` prefixes, and the exit code is the apps' (tini's rule for
+    one app). `oxmgr list` and friends work from inside, over the usual socket.
     """
-
-    role = "runtime"
-    persist = False
-    write_logs = False
 
     def __init__(self, home, specs, exit_code_from=None, on_error="exit", prefix=True, as_json=False,
                  write_logs=False, quiet=False):
-        super().__init__(home, reap_all=True)
+        self.home = home
         self.specs = specs
         self.exit_code_from = exit_code_from
         self.on_error = on_error
@@ -7073,137 +6708,125 @@ class Runtime(Daemon):
         self.write_logs = write_logs
         self.quiet = quiet
         self.console = None
-        self._partial = {}
-        self._trigger = None
+        self.engine = None
+        self.host = Host(home, self.log, role="runtime")
+        self._trigger = None      # the app whose failure ended the run
         self._started = False
-        self._colour = _colour_enabled_fd(1)
+        self._colour = _colour_on(sys.stdout)
         self._width = max((len(s.name) for s in specs), default=0)
 
     def log(self, message):
-        if not self.quiet:
+        if self.quiet:
+            return
+        line = f"oxmgr | {message}\n".encode()
+        if self.console is not None:
+            self.console.write(2, line)
+        else:
             try:
-                sys.stderr.write(f"oxmgr | {message}\n")
+                sys.stderr.write(line.decode())
                 sys.stderr.flush()
             except (OSError, ValueError):  # pragma: no cover
                 pass
 
     def run(self):
-        if os.getpid() != 1 and not make_subreaper():
+        if os.getpid() != 1 and not DRIVER.make_subreaper():
             self.log("cannot become a child subreaper: orphaned grandchildren go to init")  # pragma: no cover
-        return super().run()
+        self.home.ensure()
+        return self.host.run(self._main)
 
-    def _install_signals(self):
-        super()._install_signals()
-        for signum in FORWARDED_SIGNALS:
-            self.loop.add_signal_handler(signum, self._forward)
-
-    def _forward(self, signum):
-        name = signal_name(signum)
-        live = [p for p in self.sup.procs.values() if p.child is not None]
-        chosen = [p for p in live if name in p.spec.forward_signals]
-        for p in chosen or [p for p in live if not p.spec.forward_signals]:
-            p.send_signal(signum)
-
-    def _load(self):
-        self.console = _Console(self.loop)
-        self.sup.output_listeners.append(self._on_output)
-        self.sup.status_listeners.append(self._on_status)
+    async def _main(self, host):
+        loop = asyncio.get_running_loop()
+        self.console = Console()
+        await self.console.open()
+        engine = self.engine = Engine(loop, self.home, reap_all=True, log=self.log, persist=False,
+                                      write_logs=self.write_logs)
+        service = Service(engine, host.request_shutdown)
+        await host.open(engine, service)
+        DRIVER.add_signal_handlers(loop, {signum: self._forward for signum in DRIVER.forwarded_signals})
+        engine.listeners.append(self._on_event)
+        host.on_shutdown.append(self._finish)
         for spec in self.specs:
-            self.sup.add(spec, dict(os.environ))
+            engine.add(spec, dict(os.environ))
         mode = "PID 1" if os.getpid() == 1 else "subreaper"
         self.log(f"runtime {__version__} ({mode}): {len(self.specs)} apps")
+        engine.start_timers()
+        service.ready.set()  # `oxmgr list` works while the apps start
+        host.tasks.append(engine.background(self._start_all(), "start"))
 
-    async def _recover(self):
-        self.ready.set()  # `oxmgr list` works while the apps start
-        for error in await self.sup.start_in_order(list(self.sup.procs.values())):
+    async def _start_all(self):
+        for error in await self.engine.start_in_order(list(self.engine.apps.values())):
             self.log(error)
         self._started = True
         self._check_end()
 
-    # -- output ----------------------------------------------------------------
+    def _forward(self, signum):
+        name = signal_name(signum)
+        live = [a for a in self.engine.apps.values() if a.run is not None]
+        chosen = [a for a in live if name in a.spec.forward_signals]
+        for app in chosen or [a for a in live if not a.spec.forward_signals]:
+            app.send_signal(signum)
 
-    def _on_output(self, proc, stream, data):
-        key = (proc.rec.id, stream)
-        lines = (self._partial.pop(key, b"") + data).split(b"\n")
-        rest = lines.pop()
-        if len(rest) > MAX_FRAME_BYTES:
-            lines.append(rest)
-            rest = b""
-        if rest:
-            self._partial[key] = rest
-        if lines:
-            self._emit(proc, stream, lines)
+    def _on_event(self, kind, app, data):
+        if kind == "output":
+            self._emit(app, data["stream"], data["data"])
+        elif kind == "status" and self._started:
+            app.loop.call_soon(self._check_end)
 
-    def _emit(self, proc, stream, lines):
+    def _emit(self, app, stream, chunk):
+        lines = chunk.split(b"\n")
+        if not lines[-1]:
+            lines.pop()  # whole lines: the last newline ends the chunk
         fd = 1 if stream == "out" else 2
         if self.as_json:
-            out = b"".join(encode({"app": proc.name, "stream": stream,
-                                   "line": line.decode("utf-8", "replace")}) for line in lines)
+            out = b"".join(encode({"app": app.name, "stream": stream, "line": line.decode("utf-8", "replace")})
+                           for line in lines)
         elif self.prefix:
-            label = proc.name.ljust(self._width)
+            label = app.name.ljust(self._width)
             if self._colour:
-                label = _paint(label, _APP_COLOURS[proc.rec.id % len(_APP_COLOURS)], True)
+                label = _paint(label, _APP_COLOURS[app.rec.id % len(_APP_COLOURS)], True)
             head = (label + " | ").encode()
             out = b"".join(head + line + b"\n" for line in lines)
         else:
             out = b"".join(line + b"\n" for line in lines)
         self.console.write(fd, out)
 
-    def _flush_partial(self, proc):
-        for stream in ("out", "err"):
-            rest = self._partial.pop((proc.rec.id, stream), None)
-            if rest:
-                self._emit(proc, stream, [rest])
-
-    # -- when the run ends -------------------------------------------------------
-
-    def _on_status(self, proc, old, new, reason):
-        if new in (Status.STOPPED, Status.CRASHED, Status.ERRORED):
-            self._flush_partial(proc)
-        if self._started and not self._shutting_down:
-            self.loop.call_soon(self._check_end)
-
     def _check_end(self):
-        if self._shutting_down:
+        if self.host.service.shutting_down:
             return
-        procs = list(self.sup.procs.values())
-        settled = [p for p in procs if p.rec.status in (Status.STOPPED, Status.CRASHED, Status.ERRORED)
-                   and not p._lock.locked() and p._pending is None]
-        failed = [p for p in settled if p.rec.status != Status.STOPPED]
+        apps = list(self.engine.apps.values())
+        settled = [a for a in apps if a.state.settled]
+        failed = [a for a in settled if a.state.status != Status.STOPPED]
         if failed and self.on_error == "exit":
             self._trigger = failed[0]
-            self.log(f"{failed[0].name} {failed[0].rec.status}: {failed[0].rec.status_reason}; stopping the rest")
-            self.request_shutdown()
-        elif len(settled) == len(procs):
-            self.log("every app has exited" if procs else "no apps to run")
-            self.request_shutdown()
+            self.log(f"{failed[0].name} {failed[0].state.status}: {failed[0].rec.status_reason}; stopping the rest")
+            self.host.request_shutdown()
+        elif len(settled) == len(apps):
+            self.log("every app has exited" if apps else "no apps to run")
+            self.host.request_shutdown()
 
-    def _finish(self):
-        for p in self.sup.procs.values():
-            self._flush_partial(p)
-        self.exit_code = self._run_exit_code()
-        self.log(f"exit code {self.exit_code}")
-        self.console.close()
+    async def _finish(self):
+        self.host.exit_code = self._run_exit_code()
+        self.log(f"exit code {self.host.exit_code}")
+        await self.console.close()
 
     def _run_exit_code(self):
-        """The exit code of the run (see Runtime's docstring and the README)."""
-        procs = list(self.sup.procs.values())
+        """The exit code of the run (see the class docstring and the README)."""
+        apps = list(self.engine.apps.values())
         if self.exit_code_from:
-            chosen = [p for p in procs if self.exit_code_from in (p.name, p.spec.base_name)]
+            chosen = [a for a in apps if self.exit_code_from in (a.name, a.spec.base_name)]
             return _app_exit_code(chosen[0]) if chosen else EXIT_ERROR
         if self._trigger is not None:
             return _app_exit_code(self._trigger) or EXIT_ERROR
-        if len(procs) == 1:
-            return _app_exit_code(procs[0])
+        if len(apps) == 1:
+            return _app_exit_code(apps[0])
         return EXIT_OK
 
 
-def _app_exit_code(proc):
+def _app_exit_code(app):
     """One int for an app's last exit: its code, or 128 + N for a death by signal N."""
-    return exit_code_number(proc.rec.last_exit_code, proc.rec.last_signal)
-
+    return exit_code_number(app.rec.last_exit_code, app.rec.last_signal)
 # =============================================================================
-# 15. Client (sync): blocking sockets with timeouts, no event loop
+# 16. Client (sync): blocking sockets with timeouts, no event loop
 # =============================================================================
 
 
@@ -7212,63 +6835,56 @@ class _LineReader:
 
     def __init__(self, sock):
         self.sock = sock
-        self.buf = b""
+        self.framer = LineBuffer(64 * MAX_FRAME_BYTES)
+        self.lines = collections.deque()
 
     def readline(self):
-        while True:
-            end = self.buf.find(b"\n")
-            if end >= 0:
-                line, self.buf = self.buf[:end], self.buf[end + 1:]
-                return line
+        while not self.lines:
             chunk = self.sock.recv(READ_CHUNK)
             if not chunk:
-                if self.buf:
+                if self.framer.flush():
                     raise IpcError("the daemon closed the connection mid-reply")
                 return None
-            self.buf += chunk
-            if len(self.buf) > 64 * MAX_FRAME_BYTES:  # pragma: no cover
-                raise IpcError("reply from the daemon is too large")
+            data = self.framer.feed(chunk)
+            if data and not data.endswith(b"\n"):
+                raise IpcError("reply from the daemon is too large")  # pragma: no cover
+            self.lines.extend(data.split(b"\n")[:-1])
+        return self.lines.popleft()
 
 
 def _connect(home, timeout):
     """Connect to the daemon; return (socket, token or None).
 
-    The Unix socket is opened with _socket: socket.py imports enum, ~5 ms of
-    every CLI call.
+    The Unix socket must be served by this user (or root): another user who
+    can write to the home must not receive the environment a start sends.
     """
     addr_text = os.environ.get(ENV_DAEMON_ADDR, "").strip()
-    if _WINDOWS or (addr_text and not os.path.exists(home.sock)):  # pragma: no cover
-        import socket
+    if not DRIVER.unix_sockets or (addr_text and not os.path.exists(home.sock)):
         try:
-            with open(os.path.join(home.root, "daemon.addr")) as f:
-                host, port = parse_address(f.read())
+            with open(home.addr) as f:
+                host, port = split_host_port(f.read())
             with open(home.token) as f:
                 token = f.read().strip()
-        except OSError:
+        except (OSError, ValueError):
             raise DaemonNotRunning(f"daemon not running (no address file in {home.root!r})") from None
         try:
             return socket.create_connection((host, port), timeout=timeout), token
         except OSError:
             raise DaemonNotRunning(f"daemon not running at {host}:{port}") from None
-    import _socket
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    sock.settimeout(timeout)
     try:
-        addr, dir_fd = unix_socket_path(home.sock)
-    except OSError:
-        sock.close()
-        raise DaemonNotRunning(f"daemon not running (no home at {home.root!r})") from None
-    try:
-        sock.connect(addr)
-    except (FileNotFoundError, ConnectionRefusedError):
-        sock.close()
+        sock = DRIVER.connect_unix(home.sock, timeout)
+    except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
         raise DaemonNotRunning(f"daemon not running (no socket at {home.sock!r})") from None
     except OSError as exc:
-        sock.close()
         raise DaemonNotRunning(f"cannot reach the daemon at {home.sock!r}: {exc}") from None
-    finally:
-        if dir_fd is not None:
-            close_fd(dir_fd)
+    try:
+        uid = DRIVER.peer_uid(sock)
+    except OSError:
+        uid = None
+    if uid is not None and not DRIVER.trusted_uid(uid):
+        sock.close()
+        raise IpcError(f"{home.sock!r} is served by uid {uid}, not by you; nothing was sent. "
+                       f"Use a home of your own (OXMGR_HOME)")
     return sock, None
 
 
@@ -7292,13 +6908,12 @@ def _checked(line):
 
 def request(home, op, timeout=CLIENT_TIMEOUT_S, **args):
     """Send one request and return the reply; a failed reply raises its error."""
-    import _socket
     sock, token = _connect(home, timeout)
     try:
         reader = _exchange(sock, token, op, args)
         try:
             line = reader.readline()
-        except _socket.timeout:
+        except socket.timeout:
             raise IpcError(f"the daemon did not answer {op!r} within {timeout:g}s; see "
                            f"{home.daemon_log}") from None
         except OSError as exc:
@@ -7324,76 +6939,43 @@ def stream(home, op, **args):
         sock.close()
 
 
-def _pyc_is_fresh(src, cfile):
-    """True when cfile is a timestamp .pyc of src that the import system will accept."""
-    import importlib.util
-    try:
-        st = os.stat(src)
-        with open(cfile, "rb") as f:
-            head = f.read(16)
-    except OSError:
-        return False
-    return (len(head) == 16 and head[:4] == importlib.util.MAGIC_NUMBER and head[4:8] == b"\0\0\0\0"
-            and int.from_bytes(head[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
-            and int.from_bytes(head[12:16], "little") == st.st_size & 0xFFFFFFFF)
+def _bytecode_cache(home):
+    """Where the daemon's bytecode lives: the launcher's cache, or $OXMGR_HOME/pycache."""
+    return sys.pycache_prefix or os.path.join(home.root, "pycache")
 
 
-def _daemon_bytecode(home):
-    """Cache this file's bytecode for the daemon; return the .pyc path (or None).
+def warm_bytecode(prefix):
+    """Have the import system cache this file's bytecode under prefix (when it is not fresh there).
 
-    Compiling this file costs the daemon ~100 ms and leaves ~8 MiB of
-    compiler garbage in its RSS for good, so the short-lived CLI compiles
-    instead: into __pycache__, or into $OXMGR_HOME/pycache when bytecode
-    writing is turned off (PYTHONDONTWRITEBYTECODE) or the directory is read-only.
-    Run by the `oxmgr` launcher, the launcher's own cache serves.
+    Compiling this file costs ~100 ms and leaves ~8 MiB of compiler garbage
+    in a process for good, so the short-lived CLI compiles, never the daemon.
     """
-    import importlib.util
-    src = os.path.abspath(__file__)
-    if not src.endswith(".py"):
-        return None  # pragma: no cover
-    ours = globals().get("__cached__")  # the launcher's cache (or __pycache__ when imported)
-    if ours and _pyc_is_fresh(src, ours):
-        return ours
-    standard = importlib.util.cache_from_source(src) if sys.pycache_prefix is None else None
-    private = os.path.join(home.root, "pycache", os.path.basename(src)[:-3] + f".{sys.implementation.cache_tag}.pyc")
-    candidates = [private, standard] if sys.dont_write_bytecode else [standard, private]
-    for cfile in filter(None, candidates):
-        if _pyc_is_fresh(src, cfile):
-            return cfile
-        import py_compile
-        try:
-            # TIMESTAMP: what _pyc_is_fresh checks (SOURCE_DATE_EPOCH would pick hashes)
-            py_compile.compile(src, cfile=cfile, doraise=True,
-                               invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
-        except (OSError, py_compile.PyCompileError):
-            continue
-        return cfile
-    return None  # pragma: no cover  (nowhere writable: the daemon compiles for itself)
+    import importlib.machinery
+    saved = sys.pycache_prefix, sys.dont_write_bytecode
+    sys.pycache_prefix, sys.dont_write_bytecode = prefix, False
+    try:
+        importlib.machinery.SourceFileLoader("oxmgr", os.path.abspath(__file__)).get_code("oxmgr")
+    except (OSError, ImportError):  # pragma: no cover  (nowhere writable: the daemon compiles for itself)
+        pass
+    finally:
+        sys.pycache_prefix, sys.dont_write_bytecode = saved
 
 
-def daemon_argv(home, log_file=None, pyc=None):
-    """Return the argv that starts the daemon, from this file's bytecode when given.
+def daemon_argv(home, log_file=None):
+    """Return the argv that starts the daemon, importing this file from cached bytecode.
 
     -E: PYTHON* variables are for the apps, which get the CLI's environment;
     -S: the daemon needs nothing outside the standard library, and site costs
     start-up time and memory. With log_file, SIGHUP reopens that file.
     """
-    here = os.path.abspath(__file__)
-    directory, filename = os.path.split(here)
-    module, ext = os.path.splitext(filename)
     run = ["daemon", "run"] + (["--log-file", log_file] if log_file else [])
-    if pyc:
-        # Load the .pyc straight into a module: no import-path or cache-prefix games.
-        code = (f"import sys, marshal\nmod = type(sys)({module!r})\nmod.__file__ = {here!r}\n"
-                f"sys.modules[{module!r}] = mod\n"
-                f"with open({pyc!r}, 'rb') as f:\n    exec(marshal.loads(f.read()[16:]), mod.__dict__)\n"
-                f"sys.exit(mod.main({run!r}))")
-        return [sys.executable, "-E", "-S", "-c", code]
-    if ext == ".py" and module.isidentifier():
-        code = (f"import sys; sys.path.insert(0, {directory!r}); import {module}; "
-                f"sys.exit({module}.main({run!r}))")
-        return [sys.executable, "-E", "-S", "-c", code]
-    return [sys.executable, "-E", "-S", here] + run  # pragma: no cover
+    code = (f"import sys; sys.pycache_prefix = {_bytecode_cache(home)!r}\n"
+            f"from importlib.util import module_from_spec, spec_from_file_location\n"
+            f"spec = spec_from_file_location('oxmgr', {os.path.abspath(__file__)!r})\n"
+            f"module = sys.modules['oxmgr'] = module_from_spec(spec)\n"
+            f"spec.loader.exec_module(module)\n"
+            f"sys.exit(module.main({run!r}))")
+    return [sys.executable, "-E", "-S", "-c", code]
 
 
 def ensure_daemon(home):
@@ -7408,8 +6990,8 @@ def ensure_daemon(home):
             os.replace(home.daemon_log, home.daemon_log + ".1")
     except OSError:
         pass  # no log yet
-    proc = spawn_detached(daemon_argv(home, log_file=home.daemon_log, pyc=_daemon_bytecode(home)),
-                          home.daemon_log)
+    warm_bytecode(_bytecode_cache(home))
+    proc = DRIVER.spawn_detached(daemon_argv(home, log_file=home.daemon_log), home.daemon_log)
     deadline = time.monotonic() + DAEMON_BOOT_TIMEOUT_S
     pause = 0.002
     while True:
@@ -7441,7 +7023,7 @@ def call(home, op, timeout=CLIENT_TIMEOUT_S, **args):
 
 
 # =============================================================================
-# 16. Boot services: systemd, launchd, Task Scheduler
+# 17. Boot services and the launcher
 # =============================================================================
 #
 # `startup` prints the definition that starts the daemon at boot, `service`
@@ -7450,15 +7032,6 @@ def call(home, op, timeout=CLIENT_TIMEOUT_S, **args):
 
 SERVICE_SYSTEMS = ("systemd", "launchd", "task-scheduler")
 LAUNCHD_LABEL = "com.oxmgr.daemon"
-
-
-def detect_service_system():
-    """Return the boot service system of this platform."""
-    if _WINDOWS:  # pragma: no cover
-        return "task-scheduler"
-    if sys.platform == "darwin":  # pragma: no cover
-        return "launchd"
-    return "systemd"
 
 
 def _systemd_quote(text):
@@ -7568,67 +7141,38 @@ class ServiceDefinition:
         return ["schtasks /Delete /TN oxmgr /F"]
 
 
-# The `oxmgr` command that `oxmgr.py install` writes. It runs this file from
-# bytecode cached at install time, so a CLI call does not recompile it (~100
-# ms); when the file changes, the first call rewrites the cache. The daemon it
-# starts loads the same cache (__cached__, see _daemon_bytecode).
+# The `oxmgr` command that `oxmgr.py install` writes. The import system caches
+# the file's bytecode under the launcher's lib directory (sys.pycache_prefix),
+# so a CLI call does not recompile it (~100 ms), and an edited file is
+# recompiled once; the daemon it starts loads the same cache.
 _LAUNCHER = """#!{python} -S
 # oxmgr launcher, written by `python3 {source} install`; `oxmgr uninstall` removes it.
-# It runs {source} from cached bytecode instead of compiling it on every call.
+# It runs {source} from the bytecode the import system keeps under {cache}.
 import sys
-SOURCE, CACHE, MAGIC = {source!r}, {cache!r}, {magic!r}
-
-
-def load():
-    import marshal, os
-    st = os.stat(SOURCE)
-    stamp = (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
-    try:
-        with open(CACHE, "rb") as f:
-            data = f.read()
-        if data[:4] == MAGIC and data[8:16] == stamp:
-            return marshal.loads(data[16:])
-    except (OSError, ValueError, EOFError):
-        pass
-    with open(SOURCE, "rb") as f:
-        code = compile(f.read(), SOURCE, "exec")
-    try:
-        tmp = CACHE + ".tmp%d" % os.getpid()
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + bytes(4) + stamp + marshal.dumps(code))
-        os.replace(tmp, CACHE)
-    except OSError:
-        pass  # a read-only cache: still correct, just slower
-    return code
-
-
-module = type(sys)("oxmgr")
-module.__file__, module.__cached__ = SOURCE, CACHE
-sys.modules["oxmgr"] = module
-exec(load(), module.__dict__)
+sys.pycache_prefix = {cache!r}
+sys.dont_write_bytecode = False
+from importlib.util import module_from_spec, spec_from_file_location
+spec = spec_from_file_location("oxmgr", {source!r})
+module = sys.modules["oxmgr"] = module_from_spec(spec)
+spec.loader.exec_module(module)
 sys.exit(module.main())
 """
 
 
 def _launcher_paths(prefix):
-    """Return (launcher, cache) for an install prefix (default ~/.local/bin, /usr/local/bin for root)."""
+    """Return (launcher, cache directory) for an install prefix (default ~/.local/bin, /usr/local/bin for root)."""
     root = hasattr(os, "getuid") and os.getuid() == 0
     prefix = os.path.abspath(os.path.expanduser(prefix or ("/usr/local/bin" if root else "~/.local/bin")))
-    cache_dir = os.path.join(os.path.dirname(prefix), "lib", "oxmgr")
-    return os.path.join(prefix, "oxmgr"), os.path.join(cache_dir, f"oxmgr.{sys.implementation.cache_tag}.pyc")
+    return os.path.join(prefix, "oxmgr"), os.path.join(os.path.dirname(prefix), "lib", "oxmgr")
 
 
 def install_launcher(prefix=None):
-    """Write the `oxmgr` launcher and its bytecode cache; return (launcher, cache, on_path)."""
-    import importlib.util
-    import py_compile
+    """Write the `oxmgr` launcher and fill its bytecode cache; return (launcher, cache dir, on_path)."""
     launcher, cache = _launcher_paths(prefix)
-    source = os.path.abspath(__file__)
     os.makedirs(os.path.dirname(launcher), exist_ok=True)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    # TIMESTAMP: the launcher checks mtime and size (SOURCE_DATE_EPOCH would pick hashes)
-    py_compile.compile(source, cfile=cache, doraise=True, invalidation_mode=py_compile.PycInvalidationMode.TIMESTAMP)
-    text = _LAUNCHER.format(python=sys.executable, source=source, cache=cache, magic=importlib.util.MAGIC_NUMBER)
+    os.makedirs(cache, exist_ok=True)
+    warm_bytecode(cache)
+    text = _LAUNCHER.format(python=sys.executable, source=os.path.abspath(__file__), cache=cache)
     atomic_write(launcher, text.encode())
     os.chmod(launcher, 0o755)
     on_path = os.path.dirname(launcher) in os.environ.get("PATH", "").split(os.pathsep)
@@ -7646,16 +7190,20 @@ def uninstall_launcher(prefix=None):
         return []
     except UnicodeDecodeError:
         raise OxmgrError(f"{launcher} was not written by oxmgr install; remove it yourself") from None
-    cache_dir = os.path.dirname(cache)
-    ours = [os.path.join(cache_dir, n) for n in (os.listdir(cache_dir) if os.path.isdir(cache_dir) else ())
-            if n.startswith("oxmgr.") and ".pyc" in n]  # every Python version's cache and stray .tmp files
-    for path in [launcher] + ours:
-        _unlink_quiet(path)
-    try:
-        os.rmdir(cache_dir)
-    except OSError:
-        pass  # not empty: something else lives there
-    return [launcher] + ours
+    _unlink_quiet(launcher)
+    removed = [launcher]
+    if os.path.isdir(cache):
+        # The import system's tree of .pyc files (every Python version's); nothing else is touched.
+        for directory, _dirs, files in os.walk(cache, topdown=False):
+            for name in files:
+                if ".pyc" in name:
+                    _unlink_quiet(os.path.join(directory, name))
+            try:
+                os.rmdir(directory)
+            except OSError:
+                pass  # not empty: something else lives there
+        removed.append(cache)
+    return removed
 
 
 def _service_manager_running(system):
@@ -7679,18 +7227,13 @@ def _run_commands(commands):
 
 
 # =============================================================================
-# 17. CLI
+# 18. CLI
 # =============================================================================
 
 _STATUS_COLOURS = {
     Status.RUNNING: "32", Status.STARTING: "33", Status.RESTARTING: "33", Status.STOPPING: "33",
     Status.STOPPED: "90", Status.CRASHED: "31", Status.ERRORED: "31;1",
 }
-
-
-def _colour_enabled(stream=None):
-    stream = stream or sys.stdout
-    return hasattr(stream, "isatty") and stream.isatty() and "NO_COLOR" not in os.environ
 
 
 def _table(headers, rows, colour_cols=None):
@@ -7716,15 +7259,11 @@ def _fmt_cpu(value):
 
 
 def _print_json(data):
-    print(json_pretty(data))
+    print(json.dumps(data, indent=2))
 
 
 def _typed(check):
-    """An argparse type from a config validator, so both reject the same values.
-
-    `.raw` is the validator itself, for the fast parser (ValueError there
-    means: let argparse parse it and report the error).
-    """
+    """An argparse type from a config validator, so both reject the same values."""
     def convert(text):
         import argparse
         try:
@@ -7732,7 +7271,6 @@ def _typed(check):
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     convert.__name__ = check.__name__.lstrip("_")
-    convert.raw = check
     return convert
 
 
@@ -7745,9 +7283,12 @@ def _env_pairs(pairs):
     env = {}
     for pair in pairs or ():
         key, sep, value = pair.partition("=")
-        if not sep or not key or not key.replace("_", "a").isalnum():
-            raise UsageError(f"--env {pair!r}: expected NAME=value")
-        env[key] = value
+        try:
+            if not sep:
+                raise ValueError("expected NAME=value")
+            env.update(_v_env({key: value}))  # the rule a config file's env follows
+        except ValueError as exc:
+            raise UsageError(f"--env {pair!r}: {exc}") from None
     return env
 
 
@@ -7821,7 +7362,6 @@ _START_FLAGS = (
 
 
 def _args_start(p):
-    import argparse  # noqa: F401  (argparse is loaded by the caller)
     p.add_argument("cmd", nargs="+", metavar="command",
                    help="a command line (quote it), a script like app.js, or an app name/id")
     for flags, dest, kwargs in _START_FLAGS:
@@ -8063,7 +7603,7 @@ def _expand_cli_instances(spec, args):
     if count == 1:
         return [spec]
     base = spec.get("name") or default_app_name(spec["command"])
-    return [dict(spec, name=f"{base}-{i}", base_name=base, instance=i, instances=count) for i in range(count)]
+    return [dict(spec, name=f"{base}-{i}", base_name=base, instance=i) for i in range(count)]
 
 
 def _given_flags(args):
@@ -8083,7 +7623,7 @@ def _command_specs(args, parts, where):
     """Build the app definitions for `<verb> <command> [flags]` (one per instance)."""
     if args.only:
         raise UsageError("--only goes with a config file")
-    command = parts[0] if len(parts) == 1 else parts[0] + " " + quote_join(parts[1:])
+    command = parts[0] if len(parts) == 1 else parts[0] + " " + shlex.join(parts[1:])
     spec = _given_flags(args)
     spec["command"] = command
     spec["cwd"] = os.path.abspath(args.cwd or os.getcwd())
@@ -8094,7 +7634,6 @@ def _command_specs(args, parts, where):
     if "stop_exit_codes" in spec:
         spec["stop_exit_codes"] = [c for c in spec["stop_exit_codes"].replace(" ", "").split(",") if c]
     if "interpreter_args" in spec:
-        import shlex
         spec["interpreter_args"] = shlex.split(spec["interpreter_args"])
     if spec.get("interpreter") is None:
         inferred = infer_interpreter(command)
@@ -8152,8 +7691,8 @@ def cmd_runtime(args):
                          f"{', '.join(s.name for s in specs)}")
     if args.no_prefix and len({s.base_name or s.name for s in specs}) > 1:
         raise UsageError("--no-prefix is for one app: with several, the prefix says whose line it is")
-    runtime = Runtime(Home(), specs, exit_code_from=args.exit_code_from, on_error=args.on_error,
-                      prefix=not args.no_prefix, as_json=args.json, write_logs=args.log_files, quiet=args.quiet)
+    runtime = Foreground(Home(), specs, exit_code_from=args.exit_code_from, on_error=args.on_error,
+                         prefix=not args.no_prefix, as_json=args.json, write_logs=args.log_files, quiet=args.quiet)
     return runtime.run()
 
 
@@ -8245,7 +7784,7 @@ def cmd_resurrect(args):
 
 
 def _service_system(args):
-    return detect_service_system() if args.system == "auto" else args.system
+    return DRIVER.service_system if args.system == "auto" else args.system
 
 
 def cmd_startup(args):
@@ -8335,7 +7874,7 @@ def cmd_list(args):
     if not procs:
         print("no apps yet; start one with: oxmgr start \"<command>\" --name <name>")
         return EXIT_OK
-    colour = _colour_enabled()
+    colour = _colour_on(sys.stdout)
     rows = [[str(p["id"]), p["name"], p["namespace"], p["status"], str(p["pid"] or "-"),
              format_uptime(p["uptime_ms"] / 1000.0) if p["pid"] else "-", str(p["restart_count"]),
              _fmt_cpu(p["cpu_percent"]), format_bytes(p["memory_bytes"]), p["health_status"]]
@@ -8419,7 +7958,7 @@ def cmd_status(args):
 
 def _print_log_line(item, prefix, colour, as_json):
     if as_json:
-        print(json_dumps(item))
+        print(to_json(item))
         return
     line = item["line"]
     if item["stream"] == "err" and colour:
@@ -8433,7 +7972,7 @@ def _print_log_line(item, prefix, colour, as_json):
 def cmd_logs(args):
     home = Home()
     streams = ["err"] if args.err else ["out"] if args.out else ["out", "err"]
-    colour = _colour_enabled()
+    colour = _colour_on(sys.stdout)
     single = args.target != "all"
     params = {"targets": [args.target], "lines": args.lines, "streams": streams}
     if not args.follow:
@@ -8492,7 +8031,7 @@ def cmd_daemon(args):
         pid = reply.get("pid")
         deadline = time.monotonic() + CLIENT_LONG_TIMEOUT_S
         pause = 0.005
-        while process_running(pid):
+        while DRIVER.process_running(pid):
             if time.monotonic() > deadline:
                 raise OxmgrError(f"the daemon (pid {pid}) is still stopping; see {home.daemon_log}")
             time.sleep(pause)
@@ -8517,13 +8056,7 @@ def cmd_daemon(args):
     return EXIT_OK
 
 
-def cmd_version(args):
-    print(f"oxmgr {__version__}")
-    return EXIT_OK
-
-
 COMMANDS = {
-    "version": cmd_version,
     "start": cmd_start,
     "stop": _simple("stop", "stopped"),
     "restart": cmd_restart,
@@ -8550,169 +8083,47 @@ COMMANDS = {
     "daemon": cmd_daemon,
 }
 
+
 # =============================================================================
-# 18. Entry point
+# 19. Entry point
 # =============================================================================
 
 
-class _Args:
-    """A parsed command line, shaped like argparse.Namespace (without importing argparse)."""
+def _exec_daemon(log_file):
+    """Run as a script, become the daemon loaded from cached bytecode (the same pid).
 
-    def __init__(self, **values):
-        self.__dict__.update(values)
-
-
-# Commands that take targets, and the flags each allows.
-_FAST_TARGET_COMMANDS = {"stop": (), "delete": (), "del": (), "reset": (),
-                         "restart": ("--update-env",), "reload": ("--update-env",)}
-_START_EXTRA = (  # start's flags that are not AppSpec fields: (flags, dest, kind, default)
-    (("--env",), "env", "append", None), (("--time",), "time", "flag", False),
-    (("--no-autorestart",), "no_autorestart", "flag", False), (("-i", "--instances"), "instances", "value", None),
-    (("--instance-var",), "instance_var", "value", None), (("--only",), "only", "value", None),
-)
-
-
-def _start_option_table():
-    table = {}
-    defaults = {}
-    for flags, dest, kwargs in _START_FLAGS:
-        action = kwargs.get("action")
-        kind = ("flag" if action == "store_true" else "optional" if kwargs.get("nargs") == "?"
-                else "append" if action == "append" else "value")
-        convert = getattr(kwargs.get("type"), "raw", None)
-        for flag in flags:
-            table[flag] = (dest, kind, convert, kwargs.get("const"))
-        defaults[dest] = None
-    for flags, dest, kind, default in _START_EXTRA:
-        for flag in flags:
-            table[flag] = (dest, kind, None, None)
-        defaults[dest] = default
-    return table, defaults
-
-
-def _fast_start(rest):
-    table, values = _start_option_table()
-    positional = []
-    options_after = False
-    i = 0
-    while i < len(rest):
-        arg = rest[i]
-        if not arg.startswith("-") or arg == "-":
-            if positional and options_after:
-                return None  # argparse wants one run of positionals
-            positional.append(arg)
-            i += 1
-            continue
-        entry = table.get(arg)
-        if entry is None:
-            return None  # unknown, abbreviated or attached (-i2): argparse's business
-        dest, kind, convert, const = entry
-        options_after = bool(positional)
-        nxt = rest[i + 1] if i + 1 < len(rest) else None
-        if kind == "flag":
-            values[dest] = True
-            i += 1
-            continue
-        if kind == "optional" and (nxt is None or nxt.startswith("-")):
-            values[dest] = (values[dest] or []) + [const]
-            i += 1
-            continue
-        if nxt is None or nxt.startswith("-"):
-            return None
-        try:
-            value = convert(nxt) if convert else nxt
-        except ValueError:
-            return None
-        values[dest] = (values[dest] or []) + [value] if kind in ("append", "optional") else value
-        i += 2
-    if not positional:
-        return None
-    return _Args(command="start", cmd=positional, **values)
-
-
-def _fast_parse(argv):
-    """Parse the everyday command lines without argparse; None means "use argparse".
-
-    argparse imports re and enum: ~10 ms of every call, a third of `oxmgr list`.
-    Only exact, simple forms are taken here; help, errors, abbreviations,
-    --opt=value and -- all go to argparse, which gives the same result (the
-    tests compare the two) or the proper error.
-    """
-    if not argv or any(a in ("-h", "--help", "--") or (a.startswith("--") and "=" in a) for a in argv):
-        return None
-    command, rest = argv[0], argv[1:]
-    if argv == ["--version"]:
-        return _Args(command="version")
-    flags = [a for a in rest if a.startswith("-")]
-    words = [a for a in rest if not a.startswith("-")]
-    contiguous = not words or rest[len(rest) - len(words):] == words or rest[:len(words)] == words
-    if command in ("list", "ls", "ps"):
-        if not words and flags in ([], ["--json"]):
-            return _Args(command=command, json=bool(flags))
-        return None
-    if command in ("status", "describe", "show"):
-        if words and contiguous and flags in ([], ["--json"]):
-            return _Args(command=command, targets=words, json=bool(flags))
-        return None
-    if command in _FAST_TARGET_COMMANDS:
-        allowed = _FAST_TARGET_COMMANDS[command]
-        if words and contiguous and all(f in allowed for f in flags) and len(set(flags)) == len(flags):
-            extra = {"update_env": "--update-env" in flags} if allowed else {}
-            return _Args(command=command, targets=words, **extra)
-        return None
-    if command == "daemon" and rest in (["stop"], ["status"], ["status", "--json"]):
-        extra = {"json": "--json" in rest} if rest[0] == "status" else {}
-        return _Args(command="daemon", daemon_command=rest[0], **extra)
-    if command == "start":
-        return _fast_start(rest)
-    return None
-
-
-def run_daemon(home=None, log_file=None):
-    """Run the daemon in the foreground until it is shut down; return the exit code."""
-    return Daemon(home or Home(), log_file=log_file).run()
-
-
-def _exec_daemon_from_bytecode(log_file):
-    """Replace this process (same pid) with the daemon loaded from bytecode.
-
-    Run as a script, this file was just compiled, and the compiler's garbage
-    would stay in the daemon's RSS (~21 MiB instead of ~12) for its lifetime.
+    Python compiled this file to run it, and the compiler's garbage would
+    stay in the daemon's RSS (~21 MiB instead of ~12) for its lifetime.
     """
     home = Home()
     home.ensure()
-    pyc = _daemon_bytecode(home)
-    if pyc:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.execv(sys.executable, daemon_argv(home, log_file=log_file, pyc=pyc))
+    warm_bytecode(_bytecode_cache(home))
+    DRIVER.exec_into(daemon_argv(home, log_file=log_file))  # returns only where there is no exec
 
 
 def main(argv=None):
     """Run the CLI; return the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["daemon", "run"] and (len(argv) == 2 or (len(argv) == 4 and argv[2] == "--log-file")):
-        # The daemon's own start: no argparse, which costs ~1 MiB for its lifetime.
+        # The daemon's own start: no argparse, which would stay in its memory for good.
         log_file = argv[3] if len(argv) == 4 else None
         try:
-            if __name__ == "__main__" and not _WINDOWS:
-                _exec_daemon_from_bytecode(log_file)
+            if __name__ == "__main__":
+                _exec_daemon(log_file)
             return run_daemon(log_file=log_file)
         except OxmgrError as exc:
             print(f"oxmgr: error: {exc}", file=sys.stderr)
             return exc.exit_code
-    args = _fast_parse(argv)
-    if args is None:
-        first = next((a for a in argv if not a.startswith("-")), None)
-        known = any(first in names for names, _, _ in _SUBCOMMANDS)
-        parser = _build_parser(first if known else None)
-        try:
-            args = parser.parse_args(argv)
-        except SystemExit as exc:  # argparse: --help, --version, usage errors
-            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-        if not args.command:
-            parser.print_help()
-            return EXIT_USAGE
+    first = next((a for a in argv if not a.startswith("-")), None)
+    known = any(first in names for names, _, _ in _SUBCOMMANDS)
+    parser = _build_parser(first if known else None)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
     except OxmgrError as exc:
