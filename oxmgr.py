@@ -849,7 +849,7 @@ class PosixDriver:
     """macOS, the BSDs and the base of Linux: fork/exec, process groups, signals, Unix sockets."""
 
     shell = ("/bin/sh", "-c")
-    kill_signal = signal.SIGKILL
+    kill_signal = getattr(signal, "SIGKILL", 9)   # the class is defined (and tested) on every platform
     service_system = "launchd" if _DARWIN else "systemd"
     unix_sockets = True
     stop_signals = ("SIGTERM", "SIGINT")      # a clean shutdown of the daemon or the runtime
@@ -957,18 +957,6 @@ class PosixDriver:
         """Return True while any member of the process group exists."""
         return self.kill_tree(tree, 0)
 
-    def pid_alive(self, pid):
-        """Return True when a process with this pid exists (zombies included)."""
-        if not pid or pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True  # exists, owned by someone else
-        return True
-
     def process_running(self, pid):
         """Return True while pid runs; a zombie waiting for its parent has stopped."""
         stats = self.read_stats(pid)
@@ -1002,6 +990,29 @@ class PosixDriver:
     def make_subreaper(self):
         """Adopt orphaned descendants as PID 1 would; False where the kernel cannot."""
         return False
+
+    def reaper_role(self):
+        """Reap every orphan from now on: "PID 1", "subreaper", or None where that cannot be."""
+        if os.getpid() == 1:
+            return "PID 1"
+        return "subreaper" if self.make_subreaper() else None
+
+    def console_pipe(self, fd):
+        """Return (file, give_back) to write fd through an asyncio pipe transport; None: write it directly.
+
+        A pipe or socket (docker's log driver, journald) gets a transport, which
+        makes the shared file description non-blocking until give_back(); a
+        terminal or a regular file is always writable.
+        """
+        import stat as stat_mod
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            return None
+        if not (stat_mod.S_ISFIFO(mode) or stat_mod.S_ISSOCK(mode)):
+            return None
+        blocking = os.get_blocking(fd)
+        return open(os.dup(fd), "wb", buffering=0), lambda: os.set_blocking(fd, blocking)
 
     def raise_fd_limit(self):
         """Lift the soft open-files limit to the hard one: each app holds 4 fds."""
@@ -1257,7 +1268,8 @@ class WindowsDriver:  # pragma: no cover  (the Windows issue fills in what says 
     clock_ticks = 100  # FILETIME counts 100 ns: stored as centiseconds
 
     def _not_yet(self, what):
-        raise OxmgrError(f"{what} is not on Windows yet; run the daemon on Linux or macOS for now")
+        # A SpawnError: an app whose start meets it becomes errored, with this reason.
+        raise SpawnError(f"{what} is not on Windows yet; run the daemon on Linux or macOS for now")
 
     def default_home(self):
         home = os.environ.get(ENV_HOME)
@@ -1294,11 +1306,8 @@ class WindowsDriver:  # pragma: no cover  (the Windows issue fills in what says 
     def tree_alive(self, tree):
         self._not_yet("watching a process tree")
 
-    def pid_alive(self, pid):
-        return pid in self.process_table()  # never os.kill(pid, 0): 0 is CTRL_C_EVENT here
-
     def process_running(self, pid):
-        return self.pid_alive(pid)
+        return pid in self.process_table()  # never os.kill(pid, 0): 0 is CTRL_C_EVENT here
 
     def leftover_tree(self, tree, start_ticks):
         return False  # kill-on-close job objects die with the daemon that made them
@@ -1318,6 +1327,12 @@ class WindowsDriver:  # pragma: no cover  (the Windows issue fills in what says 
 
     def make_subreaper(self):
         return False
+
+    def reaper_role(self):
+        return None  # a job object holds each tree: there are no orphans to adopt
+
+    def console_pipe(self, fd):
+        return None
 
     def raise_fd_limit(self):
         pass
@@ -4197,8 +4212,9 @@ class AppState:
         if self.has_child:
             self._set(Status.STOPPING, "stop requested")  # RUNNING/STARTING -> STOPPING
             return KILL
-        if self.rec.status in (Status.STARTING, Status.RESTARTING, Status.RUNNING):
-            self._set(Status.STOPPED, "stopped")  # STARTING/RESTARTING -> STOPPED
+        if self.rec.status in (Status.STARTING, Status.RESTARTING, Status.RUNNING) or (
+                desired is not None and self.rec.status in (Status.CRASHED, Status.ERRORED)):
+            self._set(Status.STOPPED, "stopped")  # STARTING/RESTARTING (CRASHED/ERRORED for a user) -> STOPPED
         return NOTHING
 
     def request_restart(self, count=True):
@@ -4428,9 +4444,14 @@ class Run:
         try:
             for stream, pipe in (("out", child.stdout), ("err", child.stderr)):
                 run.transports[stream], _ = await loop.connect_read_pipe(lambda s=stream: _Pipe(run, s), pipe)
-        except OSError as exc:  # pragma: no cover  (out of descriptors)
+        except BaseException as exc:  # cancelled, or out of descriptors: the child must not outlive this
             engine.driver.kill_tree(run.pid, engine.driver.kill_signal)
-            raise SpawnError(f"cannot read the output of {argv[0]!r}: {exc}") from None
+            run.close()
+            for pipe in (child.stdout, child.stderr):
+                pipe.close()
+            if isinstance(exc, OSError):
+                raise SpawnError(f"cannot read the output of {argv[0]!r}: {exc}") from None
+            raise
         return run
 
     def _output(self, stream, data):
@@ -4653,6 +4674,8 @@ class Health:
             return False, f"no answer within {format_duration(timeout)}"
         except OSError as exc:
             return False, exc.strerror or str(exc)
+        except (ValueError, UnicodeError) as exc:  # a reply no HTTP server would send
+            return False, f"{type(exc).__name__}: {exc}"
         return True, "no check"
 
     def record(self, ok, detail):
@@ -4988,6 +5011,7 @@ class App:
         self._lock = asyncio.Lock()
         self._restart_task = None    # a crash restart waiting out its delay (not yet holding the lock)
         self._interrupt = None       # resolves to end a start that is waiting
+        self._interrupted = None     # why, when a stop, restart or delete waits for the lock
         self._ready = None           # resolves when the starting child is ready
         self._notify = None          # (socket, address, transport) of NOTIFY_SOCKET, once opened
 
@@ -5124,6 +5148,8 @@ class App:
             for task in pollers:
                 task.cancel()
             self._ready = None
+        if run.exited.done():  # first: its exit has been handled, whatever else came in the same turn
+            raise SpawnError(f"{self.name!r} {describe_exit(*run.exited.result())} before it was ready")
         if ready.done():
             if current:
                 self.state.ready(ready.result())  # STARTING -> RUNNING
@@ -5131,8 +5157,6 @@ class App:
             return
         if interrupt.done():
             raise _StartInterrupted(interrupt.result())
-        if run.exited.done():
-            raise SpawnError(f"{self.name!r} {describe_exit(*run.exited.result())} before it was ready")
         what = (f"{self.name!r} was not ready within {format_duration(spec.ready_timeout_s)} "
                 f"(waited for {' or '.join(waits)}); it was stopped")
         # Not ready in time: a failed start, and the process is stopped (systemd's rule).
@@ -5142,6 +5166,7 @@ class App:
             decision = self.state.spawn_failed(what)
         await run.stop(parse_signal(spec.stop_signal), spec.stop_timeout_s)
         if decision is not None:
+            self.rec.pgid = None
             self._carry_out(decision, None)
         raise SpawnError(what)
 
@@ -5189,7 +5214,11 @@ class App:
         leaves the run to them.
         """
         interrupt = self._interrupt = self.loop.create_future()
+        if self._interrupted:
+            interrupt.set_result(self._interrupted)  # asked before this launch began
         try:
+            if interrupt.done():
+                raise _StartInterrupted(interrupt.result())
             if delay > 0:
                 await asyncio.wait([interrupt], timeout=delay)
                 if interrupt.done():
@@ -5198,10 +5227,11 @@ class App:
                 run = await self._spawn()
             except _StartInterrupted:
                 raise
-            except SpawnError as exc:
+            except Exception as exc:  # whatever stops a spawn makes this app errored, never stuck
+                error = exc if isinstance(exc, SpawnError) else SpawnError(f"{type(exc).__name__}: {exc}")
                 if current:
-                    self._carry_out(self.state.spawn_failed(str(exc), exc.code), None)
-                raise SpawnError(f"cannot start {self.name!r}: {exc}", exc.code) from None
+                    self._carry_out(self.state.spawn_failed(str(error), error.code), None)
+                raise SpawnError(f"cannot start {self.name!r}: {error}", error.code) from None
             if current:
                 self._became(run)
                 self.state.spawned(self.needs_ready())
@@ -5221,8 +5251,8 @@ class App:
                     if interrupt.done():
                         raise _StartInterrupted(interrupt.result())
             except SpawnError:
-                if not current and not run.exited.done():
-                    # A replacement that failed goes; the old process serves on.
+                if not current:
+                    # A replacement that failed goes, with its group; the old process serves on.
                     await run.stop(parse_signal(self.spec.stop_signal), self.spec.stop_timeout_s)
                 raise
             return run
@@ -5231,7 +5261,8 @@ class App:
                 self._interrupt = None
 
     def _interrupt_start(self, reason):
-        """A stop, restart or delete is coming: end a start that is waiting."""
+        """A stop, restart or delete is coming: end a start that is waiting, or one still to come."""
+        self._interrupted = reason
         if self._interrupt is not None and not self._interrupt.done():
             self._interrupt.set_result(reason)
 
@@ -5279,7 +5310,7 @@ class App:
         async with self._lock:
             if self._restart_task is asyncio.current_task():
                 self._restart_task = None  # from here on a stop interrupts the launch instead
-            if self.closed or self.state.restart_due().action != Decision.SPAWN:
+            if self.closed or self.engine.closing or self.state.restart_due().action != Decision.SPAWN:
                 return
             try:
                 await self._launch()
@@ -5322,25 +5353,43 @@ class App:
         self.state.request_start()  # STOPPED/CRASHED/ERRORED -> STARTING
         return True
 
+    async def _exclusive(self, reason, op, *args, starts=True):
+        """Run op under the app's lock, the way every operation runs.
+
+        `reason` ends a start that is waiting (latched, so a launch still to
+        come sees it too); a crash restart waiting out its delay is cancelled.
+        An operation that starts processes does nothing on a deleted app or
+        during a shutdown.
+        """
+        if reason:
+            self._interrupt_start(reason)
+        self._cancel_restart()
+        async with self._lock:
+            self._cancel_restart()
+            if reason:
+                self._interrupted = None  # this request is the one being served now
+            if starts and (self.closed or self.engine.closing):
+                return None
+            return await op(*args)
+
     async def start(self, launched=False):
         """Start the app if it is not alive; raises SpawnError if it cannot.
 
         launched: mark_starting() made it STARTING; a stop, restart or delete
         since then has settled it, and this late start must not undo that.
         """
-        async with self._lock:
-            if self.closed:
+        await self._exclusive(None, self._start_locked, launched)
+
+    async def _start_locked(self, launched):
+        if launched:
+            if self.state.status != Status.STARTING or self.run is not None:
                 return
-            if launched:
-                if self.state.status != Status.STARTING or self.run is not None:
-                    return
-                decision = Decision(Decision.SPAWN, self.spec.start_delay_s)
-            else:
-                decision = self.state.request_start()
-            if decision.action == Decision.SPAWN:
-                self._cancel_restart()
-                await self._sweep_leftover()
-                await self._launch(decision.delay)
+            decision = Decision(Decision.SPAWN, self.spec.start_delay_s)
+        else:
+            decision = self.state.request_start()
+        if decision.action == Decision.SPAWN:
+            await self._sweep_leftover()
+            await self._launch(decision.delay)
 
     async def stop(self, desired="stopped"):
         """Stop the app and its whole process group; returns once they are gone.
@@ -5348,11 +5397,7 @@ class App:
         `desired` is what a later daemon start should do: "stopped" for a
         user's stop, None to keep the user's wish (daemon shutdown).
         """
-        self._interrupt_start("stopped before it was ready")
-        self._cancel_restart()
-        async with self._lock:
-            self._cancel_restart()
-            await self._stop_locked(desired)
+        await self._exclusive("stopped before it was ready", self._stop_locked, desired, starts=False)
 
     async def _stop_locked(self, desired="stopped"):
         self.watch.stop()
@@ -5371,27 +5416,24 @@ class App:
         self.rec.pgid = None
         return self.state.stopped(killed)
 
+    async def _restart_locked(self, spec=None, base_env=None, count=True):
+        """Stop the child (its port must be free), take a new definition if given, start again."""
+        self.watch.stop()
+        decision = self.state.request_restart(count=count)
+        if decision.action == Decision.KILL:
+            decision = await self._stop_run()
+        else:
+            await self._sweep_leftover()
+        self._take(spec, base_env)
+        await self._launch(decision.delay)
+
     async def restart(self, base_env=None):
         """Stop the old process (so its port is free), then start a new one."""
-        self._interrupt_start("restarted before it was ready")
-        self._cancel_restart()
-        async with self._lock:
-            self._cancel_restart()
-            if self.closed:
-                return
-            if base_env is not None:
-                self.rec.base_env = dict(base_env)
-            self.watch.stop()
-            decision = self.state.request_restart()
-            if decision.action == Decision.KILL:
-                decision = await self._stop_run()
-            else:
-                await self._sweep_leftover()
-            await self._launch(decision.delay)
+        await self._exclusive("restarted before it was ready", self._restart_locked, None, base_env)
 
     async def restart_for(self, reason):
         """Restart because a rule asked (health, limit, watch, cron); the reason is kept."""
-        if self.closed:
+        if self.closed or self.engine.closing:
             return
         self.rec.restart_reason = f"{reason} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
         self.engine.log(f"{self.name}: restarting: {reason}")
@@ -5402,15 +5444,7 @@ class App:
 
     async def replace(self, spec, base_env):
         """Stop the app, take a new definition, start it (apply's changed app)."""
-        self._interrupt_start("replaced before it was ready")
-        self._cancel_restart()
-        async with self._lock:
-            self._cancel_restart()
-            decision = self.state.request_restart(count=False)
-            if decision.action == Decision.KILL:
-                decision = await self._stop_run()
-            self._take(spec, base_env)
-            await self._launch(decision.delay)
+        await self._exclusive("replaced before it was ready", self._restart_locked, spec, base_env, False)
 
     async def reload(self, spec=None, base_env=None):
         """Start a replacement, wait until it is ready, then stop the old process.
@@ -5420,45 +5454,42 @@ class App:
         process keeps serving; SpawnError says why. An app that is not
         running is simply started.
         """
-        self._interrupt_start("reloaded before it was ready")
-        async with self._lock:
-            if self.run is None or self.state.status != Status.RUNNING:
-                self._cancel_restart()
-                decision = self.state.request_restart(count=False)
-                if decision.action == Decision.KILL:
-                    decision = await self._stop_run()
-                self._take(spec, base_env)
-                await self._launch()
-                return "started"
-            old = self.run
-            old_spec, old_env = self.rec.spec, self.rec.base_env
-            self._take(spec, base_env)
-            try:
-                new = await self._launch(current=False)
-            except SpawnError as exc:
-                self._take(old_spec, old_env)  # roll back: the old process never stopped serving
-                if self.run is old:
-                    self.state.note("reload failed; the old process keeps serving")
-                raise SpawnError(f"reload of {self.name!r} failed: {exc}; the old process "
-                                 f"(pid {old.pid}) keeps serving") from None
-            if self.run is not old:
-                # The old process died while the replacement got ready: the replacement takes over.
-                self._cancel_restart()
-                if self.state.status == Status.RESTARTING:
-                    self.state.restart_due()
-                else:
-                    self.state.request_start()
-                self._became(new)
-                self.state.spawned(False)
-                if new.exited.done():
-                    self._exited(new)
+        return await self._exclusive("reloaded before it was ready", self._reload_locked, spec, base_env)
+
+    async def _reload_locked(self, spec, base_env):
+        if self.run is None or self.state.status != Status.RUNNING:
+            await self._restart_locked(spec, base_env, count=False)
+            return "started"
+        old = self.run
+        old_spec, old_env = self.rec.spec, self.rec.base_env
+        self._take(spec, base_env)
+        try:
+            new = await self._launch(current=False)
+        except SpawnError as exc:
+            self._take(old_spec, old_env)  # roll back: the old process never stopped serving
+            if self.run is old:
+                self.state.note("reload failed; the old process keeps serving")
+                self.health.running()
+            raise SpawnError(f"reload of {self.name!r} failed: {exc}; the old process "
+                             f"(pid {old.pid}) keeps serving") from None
+        if self.run is not old:
+            # The old process died while the replacement got ready: the replacement takes over.
+            if self.state.status == Status.RESTARTING:
+                self.state.restart_due()
             else:
-                self._became(new)
-                self.rec.restart_count += 1
-                self.engine.save_soon()
+                self.state.request_start()
+            self._became(new)
+            self.state.spawned(False)
+        else:
+            self._became(new)
+            self.rec.restart_count += 1
+            self.engine.save_soon()
+        if new.exited.done():
+            self._exited(new)  # it died the moment it was ready
+        else:
             self.health.running()
-            await old.stop(parse_signal(self.spec.stop_signal), self.spec.stop_timeout_s)
-            return "reloaded"
+        await old.stop(parse_signal(self.spec.stop_signal), self.spec.stop_timeout_s)
+        return "reloaded"
 
     def _take(self, spec, base_env):
         """Adopt a new definition and/or environment (reload, replace)."""
@@ -5485,15 +5516,14 @@ class App:
 
     async def delete(self):
         """Stop the app and forget it; its log files stay on disk."""
-        self._interrupt_start("deleted before it was ready")
-        self._cancel_restart()
-        async with self._lock:
-            self._cancel_restart()
-            await self._stop_locked()
-            self.closed = True
-            self.detach()
-            self.close_notify()
-            self.close_logs()
+        await self._exclusive("deleted before it was ready", self._delete_locked, starts=False)
+
+    async def _delete_locked(self):
+        await self._stop_locked()
+        self.closed = True
+        self.detach()
+        self.close_notify()
+        self.close_logs()
 
     def send_signal(self, signum):
         """Send a signal to the app's process group; False when it has none."""
@@ -5615,6 +5645,7 @@ class Engine:
         self.reaper = self.driver.reaper(loop, reap_all)
         self.log = log or _stderr_log
         self.persist = persist         # state.json: the daemon's apps outlive it, a runtime's do not
+        self.closing = False           # shutting down: nothing starts any more
         self.write_logs = write_logs   # runtime: output to the console only, unless asked
         self.apps = {}                 # id -> App, in id order
         self.next_id = 0
@@ -5709,9 +5740,13 @@ class Engine:
         self.save_soon()
 
     def save_soon(self):
-        """Save once at the end of this loop turn, however many changes it made."""
+        """Save once, after this loop turn, however many changes it made.
+
+        A timer, not call_soon: a respawn queued in the same turn runs first,
+        so the new process never waits for the fsync.
+        """
         if self.persist and self._save_handle is None:
-            self._save_handle = self.loop.call_soon(self.save_now)
+            self._save_handle = self.loop.call_later(0, self.save_now)
 
     def save_now(self):
         if self._save_handle is not None:
@@ -6281,13 +6316,16 @@ class _Connection:
             return
         self.writer.write(encode(msg))
         if self.writer.transport.get_write_buffer_size() > STREAM_HIGH_WATER:
-            self.close()  # a follower that does not read its stream is dropped
+            self.close(abort=True)  # a follower that does not read its stream is dropped, its backlog too
 
-    def close(self):
+    def close(self, abort=False):
         if self.closed:
             return
         self.closed = True
-        self.writer.close()
+        if abort:
+            self.writer.transport.abort()
+        else:
+            self.writer.close()
         for fn in self.on_close:
             fn()
         self.on_close = []
@@ -6318,7 +6356,6 @@ class ControlServer:
         if driver.unix_sockets:
             _unlink_quiet(home.sock)  # we hold the lock, so any socket file is stale
             sock = driver.bind_unix(home.sock)
-            os.chmod(home.sock, 0o600)
             sock.listen(128)
             self._sockets.append((sock, False))
         text = os.environ.get(ENV_DAEMON_ADDR, "").strip() or ("" if driver.unix_sockets else "127.0.0.1:0")
@@ -6398,6 +6435,8 @@ class ControlServer:
                 if not starts and lines:
                     del lines[0]                # the end of a frame already refused as too long
                 for line in lines:
+                    if conn.streaming:
+                        break  # a follow request owns the connection: what it sent after is ignored
                     if line.strip() and not await self._answer(conn, line, needs_token):
                         return
                 if tail and tail_is_new:
@@ -6462,10 +6501,11 @@ class Host:
     runs main(host) on the loop until a stop signal or a shutdown request.
     """
 
-    def __init__(self, home, log, role="daemon"):
+    def __init__(self, home, log, role="daemon", driver=None):
         self.home = home
         self.log = log
         self.role = role
+        self.driver = driver or DRIVER
         self.exit_code = EXIT_OK
         self.engine = None
         self.service = None
@@ -6476,7 +6516,7 @@ class Host:
 
     def run(self, main, warning=None):
         home = self.home
-        lock_fd = DRIVER.lock(home.lock)
+        lock_fd = self.driver.lock(home.lock)
         if lock_fd is None:
             pid = _read_pid(home.pid_file)
             raise DaemonAlreadyRunning(
@@ -6484,7 +6524,7 @@ class Host:
         try:
             if warning:
                 self.log(warning)
-            self.server = ControlServer(home, None, self.log)
+            self.server = ControlServer(home, None, self.log, self.driver)
             self.server.bind()
             load_asyncio().run(self._main(main))
         finally:
@@ -6502,7 +6542,7 @@ class Host:
     async def _main(self, main):
         loop = asyncio.get_running_loop()
         self._stopping = loop.create_future()
-        DRIVER.add_signal_handlers(loop, {name: self.request_shutdown for name in DRIVER.stop_signals})
+        self.driver.add_signal_handlers(loop, {name: self.request_shutdown for name in self.driver.stop_signals})
         try:
             await main(self)
             await self._stopping
@@ -6523,15 +6563,18 @@ class Host:
 
     async def _shutdown(self):
         self.log("shutting down: stopping apps")
-        DRIVER.sd_notify("STOPPING=1")
-        self.service.shutting_down = True
-        self.server.close()
+        self.driver.sd_notify("STOPPING=1")
+        self.service.shutting_down = True  # list and status still answer while the apps stop
+        engine = self.engine
+        engine.closing = True
         for task in self.tasks:
             task.cancel()
-        engine = self.engine
+        for app in engine.apps.values():
+            app.detach()  # no rule restarts an app that is being stopped
         # desired=None: a shutdown never changes what the user asked to run.
         await engine.stop_all(list(engine.apps.values()), desired=None)
         engine.save_now()
+        self.server.close()
         for fn in self.on_shutdown:
             await fn()
 
@@ -6551,18 +6594,18 @@ class Daemon:
     async def _main(self, host):
         loop = asyncio.get_running_loop()
         home = self.home
-        engine = Engine(loop, home, reap_all=True, log=host.log)
+        engine = Engine(loop, home, driver=host.driver, reap_all=True, log=host.log)
         service = Service(engine, host.request_shutdown)
         await host.open(engine, service)
-        DRIVER.raise_fd_limit()  # after the socket: start-up is counted until it accepts
-        DRIVER.add_signal_handlers(loop, {"SIGHUP": self._reopen_log})
+        host.driver.raise_fd_limit()  # after the socket: start-up is counted until it accepts
+        host.driver.add_signal_handlers(loop, {"SIGHUP": self._reopen_log})
         atomic_write(home.pid_file, f"{os.getpid()}\n".encode())
         next_id, records, warnings = load_state(home)
         for w in warnings:
             host.log(w)
         engine.load(next_id, records)
         host.log(f"daemon {__version__} started (pid {os.getpid()}, {len(records)} apps, home {home.root})")
-        DRIVER.sd_notify(f"READY=1\nSTATUS=supervising {len(records)} apps\nMAINPID={os.getpid()}")
+        host.driver.sd_notify(f"READY=1\nSTATUS=supervising {len(records)} apps\nMAINPID={os.getpid()}")
         engine.start_timers()
         host.tasks.append(engine.background(self._recover(engine, service), "recovery"))
 
@@ -6570,6 +6613,9 @@ class Daemon:
         """Stop what a killed daemon left running, then start what should run."""
         leftovers = [a for a in engine.apps.values()
                      if a.rec.pgid and engine.driver.leftover_tree(a.rec.pgid, a.rec.start_ticks)]
+        for a in engine.apps.values():
+            if a not in leftovers:
+                a.rec.pgid = None  # not ours any more: nothing may ever signal it
         for a in leftovers:
             engine.log(f"{a.name}: stopping process group {a.rec.pgid} left by the previous daemon")
         await asyncio.gather(*[stop_tree(engine, a.rec.pgid, parse_signal(a.spec.stop_signal), a.spec.stop_timeout_s)
@@ -6637,22 +6683,19 @@ class Console:
     written directly.
     """
 
-    def __init__(self):
-        self.pipes = {}            # fd -> (transport, protocol, was blocking)
+    def __init__(self, driver):
+        self.driver = driver
+        self.pipes = {}            # fd -> (transport, protocol, how to give the fd back)
         self.dropped = {1: 0, 2: 0}
 
     async def open(self):
-        import stat as stat_mod
         loop = asyncio.get_running_loop()
-        for fd in (1, 2):
-            try:
-                mode = os.fstat(fd).st_mode
-            except OSError:
-                continue
-            if stat_mod.S_ISFIFO(mode) or stat_mod.S_ISSOCK(mode):
-                blocking = os.get_blocking(fd)
-                transport, protocol = await loop.connect_write_pipe(_Drain, open(os.dup(fd), "wb", buffering=0))
-                self.pipes[fd] = (transport, protocol, blocking)
+        # Both are looked at before either is connected: 2>&1 shares one description between them.
+        pipes = {fd: self.driver.console_pipe(fd) for fd in (1, 2)}
+        for fd, pipe in pipes.items():
+            if pipe is not None:
+                transport, protocol = await loop.connect_write_pipe(_Drain, pipe[0])
+                self.pipes[fd] = (transport, protocol, pipe[1])
 
     def write(self, fd, data):
         pipe = self.pipes.get(fd)
@@ -6677,13 +6720,13 @@ class Console:
 
     async def close(self, timeout=5.0):
         """Write what is left (a reader gets timeout seconds), and give the descriptors back as they were."""
-        for fd, (transport, protocol, blocking) in self.pipes.items():
+        for transport, protocol, give_back in self.pipes.values():
             transport.close()
             try:
                 await asyncio.wait_for(protocol.closed, timeout)
             except asyncio.TimeoutError:
                 transport.abort()
-            os.set_blocking(fd, blocking)  # the transport made the shared description non-blocking
+            give_back()
         self.pipes = {}
 
 
@@ -6729,26 +6772,26 @@ class Foreground:
                 pass
 
     def run(self):
-        if os.getpid() != 1 and not DRIVER.make_subreaper():
+        self.role = self.host.driver.reaper_role()
+        if self.role is None:
             self.log("cannot become a child subreaper: orphaned grandchildren go to init")  # pragma: no cover
         self.home.ensure()
         return self.host.run(self._main)
 
     async def _main(self, host):
         loop = asyncio.get_running_loop()
-        self.console = Console()
+        self.console = Console(self.host.driver)
         await self.console.open()
-        engine = self.engine = Engine(loop, self.home, reap_all=True, log=self.log, persist=False,
-                                      write_logs=self.write_logs)
+        engine = self.engine = Engine(loop, self.home, driver=host.driver, reap_all=True, log=self.log,
+                                      persist=False, write_logs=self.write_logs)
         service = Service(engine, host.request_shutdown)
         await host.open(engine, service)
-        DRIVER.add_signal_handlers(loop, {signum: self._forward for signum in DRIVER.forwarded_signals})
+        host.driver.add_signal_handlers(loop, {signum: self._forward for signum in host.driver.forwarded_signals})
         engine.listeners.append(self._on_event)
         host.on_shutdown.append(self._finish)
         for spec in self.specs:
             engine.add(spec, dict(os.environ))
-        mode = "PID 1" if os.getpid() == 1 else "subreaper"
-        self.log(f"runtime {__version__} ({mode}): {len(self.specs)} apps")
+        self.log(f"runtime {__version__} ({self.role or 'no subreaper'}): {len(self.specs)} apps")
         engine.start_timers()
         service.ready.set()  # `oxmgr list` works while the apps start
         host.tasks.append(engine.background(self._start_all(), "start"))
@@ -6794,7 +6837,8 @@ class Foreground:
         if self.host.service.shutting_down:
             return
         apps = list(self.engine.apps.values())
-        settled = [a for a in apps if a.state.settled]
+        # An app that finished but has a cron_restart waits for its next run.
+        settled = [a for a in apps if a.state.settled and not (a.spec.cron_restart and a.rec.desired == "exited")]
         failed = [a for a in settled if a.state.status != Status.STOPPED]
         if failed and self.on_error == "exit":
             self._trigger = failed[0]
@@ -6997,7 +7041,7 @@ def ensure_daemon(home):
     while True:
         try:
             return request(home, "ping")
-        except DaemonNotRunning:
+        except (DaemonNotRunning, IpcError):  # IpcError: it accepted, then died booting
             exited = proc.poll() is not None
             if exited or time.monotonic() > deadline:
                 if exited:

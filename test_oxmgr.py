@@ -1775,8 +1775,10 @@ class TestAppState(unittest.TestCase):
                 self.assertEqual(state.request_stop().action, NOTHING)
                 self.assertEqual(state.status, "stopped")
         state = self.state("crashed")
-        self.assertEqual(state.request_stop(desired=None).action, NOTHING)  # a shutdown keeps the wish
-        self.assertEqual((state.status, state.rec.desired), ("crashed", "stopped"))
+        self.assertEqual(state.request_stop(desired=None).action, NOTHING)  # a shutdown changes nothing
+        self.assertEqual(state.status, "crashed")
+        self.assertEqual(state.request_stop().action, NOTHING)  # a user's stop settles it as stopped
+        self.assertEqual((state.status, state.rec.desired), ("stopped", "stopped"))
 
     def test_restart_stops_first_then_starts(self):
         state = self.running(start_delay_s=1)
@@ -2268,6 +2270,65 @@ class TestEngineFake(EngineTestCase):
         self.assertEqual((app.state.status, app.run.pid, len(self.driver.children)),
                          ("running", self.driver.last.pid, 2))
 
+    def test_a_reload_or_replace_after_a_delete_spawns_nothing(self):
+        self.driver.ignore = {signal.SIGTERM}
+        app = self.add(stop_timeout_s=30)
+        self.start(app)
+        delete = self.loop.create_task(app.delete())
+        self.advance(1)
+        for op in (app.reload(), app.replace(spec_of(command="true --new"), None)):
+            late = self.loop.create_task(op)
+            self.advance(40)
+            self.run_until(lambda t=late: t.done() and delete.done(), "delete, then the late operation")
+        self.assertEqual([c.alive for c in self.driver.children], [False])
+
+    def test_nothing_starts_once_a_shutdown_began(self):
+        """A rule's restart queued behind a shutdown's stop does not spawn (the next daemon would run a twin)."""
+        self.driver.ignore = {signal.SIGTERM}
+        app = self.add(stop_timeout_s=30)
+        self.start(app)
+        self.engine.closing = True
+        stop = self.loop.create_task(app.stop(desired=None))
+        rule = self.loop.create_task(app.restart_for("watch: a.js changed"))
+        self.advance(40)
+        self.run_until(lambda: stop.done() and rule.done(), "stop and the rule's restart")
+        self.assertEqual((app.state.status, len(self.driver.children), app.rec.desired), ("stopped", 1, "running"))
+
+    def test_ready_and_exit_in_the_same_turn_is_an_exit(self):
+        app = self.add(wait_ready=True, restart_policy="never")
+        start = self.loop.create_task(app.start())
+        self.run_until(lambda: self.driver.children, "spawned")
+        # READY=1 lands in the very turn the exit is handled, after it
+        self.engine.listeners.append(lambda kind, a, data: a._on_notify(b"READY=1")
+                                     if kind == "status" and data["new"] == "crashed" else None)
+        self.driver.last.exit(code=1)
+        with self.assertRaises(oxmgr.SpawnError) as cm:
+            self.run_async(start)
+        self.assertIn("exited with code 1 before it was ready", str(cm.exception))
+        self.assertEqual(app.state.status, "crashed")
+
+    def test_a_stop_during_a_restarts_stop_phase_ends_the_restart(self):
+        """The stop comes while the old child is still stopping: no new child is spawned, the app ends stopped."""
+        self.driver.ignore = {signal.SIGTERM}
+        app = self.add(stop_timeout_s=30, wait_ready=True, ready_timeout_s=60)
+        start = self.loop.create_task(app.start())
+        self.run_until(lambda: self.driver.children, "spawned")
+        app._on_notify(b"READY=1")
+        self.run_async(start)
+        restart = self.loop.create_task(app.restart())
+        self.advance(1)
+        stop = self.loop.create_task(app.stop())
+        self.advance(100)
+        self.run_until(lambda: restart.done() and stop.done(), "restart and stop")
+        self.assertIn("stopped before it was ready", str(restart.exception()))
+        self.assertEqual((app.state.status, app.rec.desired, len(self.driver.children)), ("stopped", "stopped", 1))
+
+    def test_a_ready_timeout_forgets_the_group(self):
+        app = self.add(wait_ready=True, ready_timeout_s=5)
+        with self.assertRaises(oxmgr.SpawnError):
+            self.start(app)
+        self.assertEqual((app.state.status, app.rec.pid, app.rec.pgid), ("errored", None, None))
+
     def test_restart_stops_before_starting(self):
         app = self.add()
         self.start(app)
@@ -2409,7 +2470,7 @@ class TestEndToEnd(DaemonTestCase):
         """start gives a running app with a live pid in list, status and --json; stop kills its group."""
         self.start_app("api", READY_THEN_SLEEP)
         pid = self.wait_ready_pid("api")
-        self.assertTrue(oxmgr.DRIVER.pid_alive(pid))
+        self.assertTrue(oxmgr.DRIVER.process_running(pid))
         out = self.cli_ok("list")
         self.assertRegex(out, r"ID\s+NAME\s+NAMESPACE\s+STATUS\s+PID\s+UPTIME\s+RESTARTS\s+CPU%\s+RAM\s+HEALTH")
         self.assertRegex(out, rf"0\s+api\s+default\s+running\s+{pid}\s")
@@ -2428,7 +2489,7 @@ class TestEndToEnd(DaemonTestCase):
         self.assertEqual(os.getsid(pid), pid)
         out = self.cli_ok("stop", "api")
         self.assertIn("stopped api", out)
-        self.assertFalse(oxmgr.DRIVER.pid_alive(pid))
+        self.assertFalse(oxmgr.DRIVER.process_running(pid))
         self.assertEqual(group_members(pid), [])
         self.assertRegex(self.cli_ok("status", "api"), r"(?m)^PID:\s+-$")
 
@@ -2535,8 +2596,8 @@ class TestEndToEnd(DaemonTestCase):
             grandchild = int(f.read().split("grandchild")[1].split()[0])
         self.assertEqual(oxmgr.DRIVER.read_stats(grandchild).pgid, pid)
         self.cli_ok("stop", "stubborn")
-        self.assertFalse(oxmgr.DRIVER.pid_alive(pid))
-        self.wait(lambda: not oxmgr.DRIVER.pid_alive(grandchild) or oxmgr.DRIVER.read_stats(grandchild) is None
+        self.assertFalse(oxmgr.DRIVER.process_running(pid))
+        self.wait(lambda: not oxmgr.DRIVER.process_running(grandchild) or oxmgr.DRIVER.read_stats(grandchild) is None
                   or oxmgr.DRIVER.read_stats(grandchild).state == "Z", "grandchild gone")
         info = self.info("stubborn")
         self.assertEqual((info["status"], info["status_reason"]), ("stopped", "killed after stop_timeout"))
@@ -2705,7 +2766,7 @@ class TestEndToEnd(DaemonTestCase):
         out = self.cli_ok("apply", path, "--prune")
         self.assertIn("deleted   c", out)
         self.assertEqual(set(pids()), {"a", "b"})
-        self.wait(lambda: not oxmgr.DRIVER.pid_alive(first["c"]), "c's process to be gone")
+        self.wait(lambda: not oxmgr.DRIVER.process_running(first["c"]), "c's process to be gone")
 
     def test_apply_2_then_3_instances_stores_no_stale_group_size(self):
         """The group size is derived, never stored: after 2 then 3 instances every instance says 3."""
@@ -2737,7 +2798,7 @@ class TestEndToEnd(DaemonTestCase):
         self.wait_log("job", "shell-ok")
         self.assertEqual(self.info("job")["interpreter"], "sh")
 
-    @unittest.skipUnless(subprocess.run(["which", "node"], stdout=subprocess.DEVNULL).returncode == 0, "node")
+    @unittest.skipUnless(HAVE_NODE, "node is not installed")
     def test_interpreter_node_for_js(self):
         script = os.path.join(self.tmp, "server.js")
         with open(script, "w") as f:
@@ -2852,12 +2913,12 @@ class TestDaemonLifecycle(DaemonTestCase):
         self.cli_ok("stop", "halted")
         self.daemon.kill()
         self.daemon.wait()
-        self.assertTrue(oxmgr.DRIVER.pid_alive(old["one"]))  # orphaned, still running
+        self.assertTrue(oxmgr.DRIVER.process_running(old["one"]))  # orphaned, still running
         # Any CLI call brings a daemon back (auto-start, detached) which cleans up and restores.
         self.daemon = None
         out = self.cli_ok("list")
         self.assertIn("one", out)
-        self.wait(lambda: not oxmgr.DRIVER.pid_alive(old["one"]) and not oxmgr.DRIVER.pid_alive(old["two"]),
+        self.wait(lambda: not oxmgr.DRIVER.process_running(old["one"]) and not oxmgr.DRIVER.process_running(old["two"]),
                   "old children stopped")
         new = {n: self.wait_ready_pid(n) for n in ("one", "two")}
         self.assertNotEqual(new["one"], old["one"])
@@ -2892,6 +2953,16 @@ class TestDaemonLifecycle(DaemonTestCase):
         for name in ("a", "b", "c"):
             self.assertNotEqual(self.wait_ready_pid(name), pids[name])
         self.assertEqual(self.info("off")["status"], "stopped")
+
+    def test_list_answers_while_a_shutdown_stops_the_apps(self):
+        self.start_app("slow", IGNORE_SIGTERM, "--stop-timeout", "1")
+        self.wait_ready_pid("slow")
+        oxmgr.request(self.home, "shutdown")
+        self.wait(lambda: oxmgr.request(self.home, "list")["processes"][0]["status"] == "stopping", "stopping")
+        code, _, err = self.cli("start", python_child(READY_THEN_SLEEP), "--name", "late")
+        self.assertEqual(code, 1)
+        self.assertIn("shutting down", err)
+        self.assertEqual(self.daemon.wait(LONG_TIMEOUT), 0)
 
     def test_daemon_stop_command_and_status(self):
         self.start_app("x", READY_THEN_SLEEP)
@@ -2945,7 +3016,7 @@ class TestDaemonLifecycle(DaemonTestCase):
         self.wait_ready_pid("auto")
         self.assertIn("started", read_text(self.home.daemon_log))
         self.cli_ok("daemon", "stop")
-        self.wait(lambda: not oxmgr.DRIVER.pid_alive(daemon_pid), "auto-started daemon gone")
+        self.wait(lambda: not oxmgr.DRIVER.process_running(daemon_pid), "auto-started daemon gone")
 
     def test_corrupt_state_recovers_last_good_copy(self):
         """A corrupt state.json does not stop the daemon; the apps of the last good copy come back."""
@@ -3019,6 +3090,9 @@ class TestIpcSecurity(DaemonTestCase):
         self.assertEqual([r["ok"] for r in replies], [False, True])
         self.assertIn("exceeds", replies[0]["error"]["message"])
         self.raw(b'{"op": "pi', read=False)  # a client that hangs up mid-frame
+        self.assertTrue(self.daemon_up())
+        replies = self.raw(b'{"op": "logs", "follow": true}\n{"op": "shutdown"}\n')  # after a follow: ignored
+        self.assertEqual([r.get("follow") for r in replies], [True])
         self.assertTrue(self.daemon_up())
 
     @unittest.skipUnless(IS_ROOT, "needs root to connect as another user")
@@ -3630,6 +3704,25 @@ class RuntimeCases:
             self.assertEqual(lines, [f"{name}:{i}:" + "x" * (i % 700) for i in range(3000)] + ["END"])
         os.kill(rt.pid, signal.SIGTERM)
         rt.finish()
+
+    def test_a_shared_stdout_and_stderr_pipe_is_given_back_blocking(self):
+        """2>&1 into a pipe: the runtime writes it non-blocking, and leaves it as it found it."""
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        argv = [sys.executable, OXMGR_PY, "runtime", "--", sys.executable, "-S", "-c", "print('hi')"]
+        proc = subprocess.Popen(argv, stdout=w, stderr=w)
+        self.assertEqual(proc.wait(LONG_TIMEOUT), 0)
+        self.assertTrue(os.get_blocking(w))
+        self.assertIn(b"| hi", os.read(r, 65536))
+
+    def test_a_cron_app_that_finished_waits_for_its_next_run(self):
+        rt = self.run_rt(self.oxfile(self.app("nightly", "print('run', flush=True)",
+                                              "cron_restart = '*/2 * * * * *'")))
+        rt.expect("nightly | run")
+        rt.expect("nightly | run")  # the run did not end when it exited
+        os.kill(rt.pid, signal.SIGTERM)
+        self.assertIn(rt.finish()[0], (0, 128 + signal.SIGTERM))  # its own exit: between runs, or stopped
 
     def test_children_get_clean_signal_state(self):
         rt = self.run_rt("--", "sh", "-c", "grep -E '^Sig(Blk|Ign)' /proc/self/status")

@@ -126,10 +126,10 @@ def bench_boot(runs):
             try:
                 w.home.ensure()
                 os.environ["OXMGR_HOME"] = w.home.root
-                pyc = oxmgr._daemon_bytecode(w.home)  # warm, as for any start after the first
+                oxmgr.warm_bytecode(oxmgr._bytecode_cache(w.home))  # warm, as for any start after the first
                 del os.environ["OXMGR_HOME"]
                 if label == "launcher":
-                    argv = oxmgr.daemon_argv(w.home, pyc=pyc)
+                    argv = oxmgr.daemon_argv(w.home)
                 else:
                     argv = PY + [OXMGR_PY, "daemon", "run"]
                 log = open(w.home.daemon_log, "ab")
