@@ -48,13 +48,9 @@ Sections (``grep -n '^# [0-9]\\+\\. ' oxmgr.py``):
 # 1. Header
 # =============================================================================
 
-from __future__ import annotations
-
 import collections
 import errno
-import json
 import os
-import shlex
 import signal
 import socket
 import sys
@@ -387,6 +383,36 @@ def random_unit():
     return int.from_bytes(os.urandom(7), "big") / float(1 << 56)
 
 
+# json and shlex import re (~4 ms): they load on first use, so the daemon's
+# socket listens before them (boot is counted until it accepts).
+
+
+def to_json(value, sort_keys=False, indent=None):
+    """Return JSON text: compact, as every frame and state file is written, or indented (--json)."""
+    import json
+    if indent:
+        return json.dumps(value, indent=indent)
+    return json.dumps(value, separators=(",", ":"), sort_keys=sort_keys)
+
+
+def from_json(text):
+    """Parse JSON text; ValueError (json's own, with line and column) when it is not JSON."""
+    import json
+    return json.loads(text)
+
+
+def split_words(text):
+    """Split text into words as a POSIX shell would (quotes, backslashes)."""
+    import shlex
+    return shlex.split(text)
+
+
+def join_words(words):
+    """Join words into one line that split_words() gives back."""
+    import shlex
+    return shlex.join(words)
+
+
 # Characters that only a shell gives meaning to. A command containing any of
 # them outside single quotes runs under /bin/sh -c; anything else is exec'd.
 _SHELL_CHARS = frozenset("|&;<>()$`*?[\n")
@@ -433,7 +459,7 @@ def split_command(command, shell):
     if needs_shell(command):
         return list(shell) + [command]
     try:
-        argv = shlex.split(command)
+        argv = split_words(command)
     except ValueError as exc:
         raise ValueError(f"cannot split command {command!r}: {exc}") from None
     if not argv:
@@ -497,10 +523,6 @@ def split_host_port(text):
         raise ValueError(f"expected host:port like 127.0.0.1:3000, got {text!r}")
     return host, int(port)
 
-
-def to_json(value, sort_keys=False):
-    """Return compact JSON text, as every frame and state file is written (non-ASCII escaped)."""
-    return json.dumps(value, separators=(",", ":"), sort_keys=sort_keys)
 
 # =============================================================================
 # 5. Process table: parsers and CPU/memory sampling (pure)
@@ -1242,9 +1264,8 @@ class LinuxDriver(PosixDriver):
         return f"/proc/self/fd/{dir_fd}/{os.path.basename(path)}", dir_fd
 
     def peer_uid(self, sock):
-        import struct
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        return struct.unpack("3i", creds)[1]
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+        return int.from_bytes(creds[4:8], sys.byteorder)
 
     def bind_notify(self, path):
         if len(os.fsencode(path)) < 100:
@@ -1966,7 +1987,7 @@ def resolve_argv(spec):
     if interp and interp != "none":
         prefix = [interp] + list(spec.interpreter_args)
         if needs_shell(spec.command):
-            return list(DRIVER.shell) + [shlex.join(prefix) + " " + spec.command]
+            return list(DRIVER.shell) + [join_words(prefix) + " " + spec.command]
         return prefix + split_command(spec.command, DRIVER.shell)
     return split_command(spec.command, DRIVER.shell)
 
@@ -2830,7 +2851,7 @@ def _eval_js_config(path, text):
             detail = next((ln for ln in lines if "Error" in ln), lines[0] if lines else "no output")
             raise ConfigError(f"{path}: node could not evaluate it: {detail.strip()}")
         try:
-            return json.loads(result.stdout.decode("utf-8"))
+            return from_json(result.stdout.decode("utf-8"))
         except ValueError:
             raise ConfigError(f"{path}: node printed something that is not JSON") from None
     try:
@@ -2857,7 +2878,7 @@ def read_config_file(path):
         return toml_loads(text, path)
     if suffix == ".json":
         try:
-            return json.loads(text)
+            return from_json(text)
         except ValueError as exc:
             raise ConfigError(f"{path}:{getattr(exc, 'lineno', '?')}:{getattr(exc, 'colno', '?')}: "
                               f"invalid JSON: {getattr(exc, 'msg', exc)}") from None
@@ -3119,7 +3140,7 @@ def _ecosystem_fields(raw, where, profile, base_dir, problems, warnings):
             args = raw.get("args", [])
             if isinstance(args, str):
                 try:
-                    args = shlex.split(args)
+                    args = split_words(args)
                 except ValueError as exc:
                     problems.add(where, "args", f"cannot split {args!r}: {exc}")
                     args = []
@@ -3130,7 +3151,7 @@ def _ecosystem_fields(raw, where, profile, base_dir, problems, warnings):
             local = os.path.join(os.path.expanduser(cwd), script)
             if os.sep not in script and os.path.isfile(local):
                 script = "./" + script  # a file next to the app, not a program on PATH (PM2's rule)
-            command = shlex.join([script] + [str(a) for a in args])
+            command = join_words([script] + [str(a) for a in args])
             if "interpreter" not in fields:
                 ext = os.path.splitext(script)[1].lower()
                 inferred = {".sh": "bash"}.get(ext) or (INTERPRETERS.get(ext) if ext != ".py" else "python")
@@ -3145,7 +3166,7 @@ def _ecosystem_fields(raw, where, profile, base_dir, problems, warnings):
     else:
         fields["command"] = command
     if isinstance(fields.get("interpreter_args"), str):
-        fields["interpreter_args"] = shlex.split(fields["interpreter_args"])
+        fields["interpreter_args"] = split_words(fields["interpreter_args"])
     if fields.get("interpreter") == "none":
         fields["interpreter"] = None
     if "name" not in fields and command:
@@ -3670,7 +3691,7 @@ def save_state(home, next_id, records):
 
 
 def _parse_state(raw):
-    data = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    data = from_json(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     if not isinstance(data, dict) or not isinstance(data.get("processes"), list):
         raise StateError("expected an object with a 'processes' list")
     envs = data.get("envs", [])
@@ -4035,7 +4056,7 @@ def decode(line):
     if len(line) > MAX_FRAME_BYTES:
         raise IpcError(f"frame of {len(line)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
     try:
-        msg = json.loads(line.decode("utf-8") if isinstance(line, (bytes, bytearray)) else line)
+        msg = from_json(line.decode("utf-8") if isinstance(line, (bytes, bytearray)) else line)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise IpcError(f"frame is not JSON: {exc}") from None
     if not isinstance(msg, dict):
@@ -6984,8 +7005,8 @@ def stream(home, op, **args):
 
 
 def _bytecode_cache(home):
-    """Where the daemon's bytecode lives: the launcher's cache, or $OXMGR_HOME/pycache."""
-    return sys.pycache_prefix or os.path.join(home.root, "pycache")
+    """Where this file's bytecode is cached: the launcher's directory, or $OXMGR_HOME/pycache."""
+    return globals().get("_bytecode_prefix") or os.path.join(home.root, "pycache")
 
 
 def warm_bytecode(prefix):
@@ -7005,6 +7026,33 @@ def warm_bytecode(prefix):
         sys.pycache_prefix, sys.dont_write_bytecode = saved
 
 
+# What the header imports: a bootstrap imports these first, so that only this
+# file's bytecode goes under the cache prefix (the standard library keeps its own).
+_HEADER_IMPORTS = "collections, errno, os, signal, socket, sys, time"
+
+
+def bootstrap_code(prefix, argv=None, quick_exit=False):
+    """Python source that imports this file from its cached bytecode and runs main(argv).
+
+    The import system's own loader checks and writes the cache (importlib.util
+    would cost another millisecond of every CLI call). quick_exit (the CLI):
+    leave by os._exit once the output is flushed, since tearing down the ~150
+    modules a command has loaded costs ~2.5 ms of every call, measured.
+    """
+    path = os.path.abspath(__file__)
+    leave = ("code = module.main(None)\nsys.stdout.flush()\nsys.stderr.flush()\nos._exit(code)\n" if quick_exit
+             else f"sys.exit(module.main({argv!r}))\n")
+    return (f"import {_HEADER_IMPORTS}\n"
+            f"from importlib.machinery import SourceFileLoader\n"
+            f"sys.pycache_prefix, saved = {prefix!r}, sys.dont_write_bytecode\n"
+            f"sys.dont_write_bytecode = False\n"
+            f"module = sys.modules['oxmgr'] = type(sys)('oxmgr')\n"
+            f"module.__file__, module.__loader__ = {path!r}, SourceFileLoader('oxmgr', {path!r})\n"
+            f"module._bytecode_prefix = sys.pycache_prefix\n"
+            f"module.__loader__.exec_module(module)\n"
+            f"sys.pycache_prefix, sys.dont_write_bytecode = None, saved\n" + leave)
+
+
 def daemon_argv(home, log_file=None):
     """Return the argv that starts the daemon, importing this file from cached bytecode.
 
@@ -7013,13 +7061,7 @@ def daemon_argv(home, log_file=None):
     start-up time and memory. With log_file, SIGHUP reopens that file.
     """
     run = ["daemon", "run"] + (["--log-file", log_file] if log_file else [])
-    code = (f"import sys; sys.pycache_prefix = {_bytecode_cache(home)!r}\n"
-            f"from importlib.util import module_from_spec, spec_from_file_location\n"
-            f"spec = spec_from_file_location('oxmgr', {os.path.abspath(__file__)!r})\n"
-            f"module = sys.modules['oxmgr'] = module_from_spec(spec)\n"
-            f"spec.loader.exec_module(module)\n"
-            f"sys.exit(module.main({run!r}))")
-    return [sys.executable, "-E", "-S", "-c", code]
+    return [sys.executable, "-E", "-S", "-c", bootstrap_code(_bytecode_cache(home), run)]
 
 
 def ensure_daemon(home):
@@ -7192,15 +7234,7 @@ class ServiceDefinition:
 _LAUNCHER = """#!{python} -S
 # oxmgr launcher, written by `python3 {source} install`; `oxmgr uninstall` removes it.
 # It runs {source} from the bytecode the import system keeps under {cache}.
-import sys
-sys.pycache_prefix = {cache!r}
-sys.dont_write_bytecode = False
-from importlib.util import module_from_spec, spec_from_file_location
-spec = spec_from_file_location("oxmgr", {source!r})
-module = sys.modules["oxmgr"] = module_from_spec(spec)
-spec.loader.exec_module(module)
-sys.exit(module.main())
-"""
+{bootstrap}"""
 
 
 def _launcher_paths(prefix):
@@ -7216,7 +7250,8 @@ def install_launcher(prefix=None):
     os.makedirs(os.path.dirname(launcher), exist_ok=True)
     os.makedirs(cache, exist_ok=True)
     warm_bytecode(cache)
-    text = _LAUNCHER.format(python=sys.executable, source=os.path.abspath(__file__), cache=cache)
+    text = _LAUNCHER.format(python=sys.executable, source=os.path.abspath(__file__), cache=cache,
+                            bootstrap=bootstrap_code(cache, quick_exit=True))
     atomic_write(launcher, text.encode())
     os.chmod(launcher, 0o755)
     on_path = os.path.dirname(launcher) in os.environ.get("PATH", "").split(os.pathsep)
@@ -7303,7 +7338,7 @@ def _fmt_cpu(value):
 
 
 def _print_json(data):
-    print(json.dumps(data, indent=2))
+    print(to_json(data, indent=2))
 
 
 def _typed(check):
@@ -7667,7 +7702,7 @@ def _command_specs(args, parts, where):
     """Build the app definitions for `<verb> <command> [flags]` (one per instance)."""
     if args.only:
         raise UsageError("--only goes with a config file")
-    command = parts[0] if len(parts) == 1 else parts[0] + " " + shlex.join(parts[1:])
+    command = parts[0] if len(parts) == 1 else parts[0] + " " + join_words(parts[1:])
     spec = _given_flags(args)
     spec["command"] = command
     spec["cwd"] = os.path.abspath(args.cwd or os.getcwd())
@@ -7678,7 +7713,7 @@ def _command_specs(args, parts, where):
     if "stop_exit_codes" in spec:
         spec["stop_exit_codes"] = [c for c in spec["stop_exit_codes"].replace(" ", "").split(",") if c]
     if "interpreter_args" in spec:
-        spec["interpreter_args"] = shlex.split(spec["interpreter_args"])
+        spec["interpreter_args"] = split_words(spec["interpreter_args"])
     if spec.get("interpreter") is None:
         inferred = infer_interpreter(command)
         if inferred:

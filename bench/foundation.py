@@ -12,6 +12,8 @@ on some machines site adds ~20 ms and ~4 MiB to every process):
   respawn      child exit -> replacement running: a C helper (gcc) writes a
                CLOCK_REALTIME stamp as its last act and its first act
   list         `python3 -S oxmgr.py list` wall time with N apps
+  cli          `oxmgr list` through the launcher (5 apps) beside the interpreter's
+               own start (`python3 -S -c pass`)
 
 Every daemon gets a temporary OXMGR_HOME and is stopped at the end.
 """
@@ -214,6 +216,30 @@ def bench_respawn(count):
         w.close()
 
 
+def bench_cli(runs):
+    """`oxmgr list` through the launcher, beside a bare interpreter start."""
+    w = World()
+    try:
+        prefix = os.path.join(w.dir, "prefix", "bin")
+        subprocess.run(PY + [OXMGR_PY, "install", "--prefix", prefix], env=w.env, check=True,
+                       stdout=subprocess.DEVNULL)
+        launcher = os.path.join(prefix, "oxmgr")
+        for i in range(5):
+            subprocess.run([launcher, "start", "sleep 1000000", "--name", f"s{i}"], env=w.env, check=True,
+                           stdout=subprocess.DEVNULL)
+
+        bare, listed = [], []
+        for _ in range(runs):  # interleaved, so drift in the machine hits both alike
+            for argv, samples in ((PY + ["-c", "pass"], bare), ([launcher, "list"], listed)):
+                t0 = time.perf_counter()
+                subprocess.run(argv, env=w.env, check=True, stdout=subprocess.DEVNULL)
+                samples.append(time.perf_counter() - t0)
+        subprocess.run([launcher, "daemon", "stop"], env=w.env, stdout=subprocess.DEVNULL)
+        return bare, listed
+    finally:
+        w.close()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--apps", type=int, default=100)
@@ -223,12 +249,15 @@ def main():
     print(f"oxmgr {oxmgr.__version__}, Python {sys.version.split()[0]} ({sys.executable} -S), "
           f"{os.cpu_count()} cores, PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}")
     boot = bench_boot(args.runs)
-    print(f"boot -> accepting, auto-start launcher: {summary(boot['launcher'])}")
-    print(f"boot -> accepting, python3 -S oxmgr.py daemon run: {summary(boot['script'])}")
+    print(f"boot -> first request answered, the CLI's auto-start: {summary(boot['launcher'])}")
+    print(f"boot -> first request answered, python3 -S oxmgr.py daemon run: {summary(boot['script'])}")
     rest, loaded, lists, json_lists = bench_rss_and_list(args.apps, args.runs)
     print(f"daemon RSS at rest: {rest / 1024:.1f} MiB; with {args.apps} idle apps: {loaded / 1024:.1f} MiB")
     print(f"python3 -S oxmgr.py list, {args.apps} apps: {summary(lists)}")
     print(f"python3 -S oxmgr.py list --json, {args.apps} apps: {summary(json_lists)}")
+    bare, listed = bench_cli(args.runs * 2)
+    print(f"interpreter start, python3 -S -c pass: {summary(bare)}")
+    print(f"oxmgr list through the launcher, 5 apps: {summary(listed)}")
     gaps = bench_respawn(args.respawns)
     if gaps:
         print(f"child exit -> replacement running: {summary(gaps)}")
