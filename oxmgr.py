@@ -867,7 +867,70 @@ def _parse_inotify(data):
     return events
 
 
-class PosixDriver:
+class Driver:
+    """What the engine asks of a platform, with the answers most platforms share.
+
+    PosixDriver (and LinuxDriver) and WindowsDriver fill in the rest; every
+    call site uses DRIVER, or the driver an engine was given (a fake in tests).
+    """
+
+    clock_ticks = 100          # process table cpu times per second
+    forwarded_signals = ()     # what a container's PID 1 passes on to the apps
+
+    def default_home(self):
+        """Return $OXMGR_HOME, else this platform's per-user data directory + /oxmgr."""
+        home = os.environ.get(ENV_HOME)
+        return os.path.abspath(os.path.expanduser(home)) if home else os.path.join(self._data_home(), "oxmgr")
+
+    def secure_home(self, root):
+        """Make the home private; return a warning when it had to be tightened."""
+        return None
+
+    def read_stats(self, pid):
+        """Return ProcStats for one pid, or None when it is gone (never raises)."""
+        try:
+            return self.process_table().get(pid)
+        except OSError:
+            return None
+
+    def process_running(self, pid):
+        """Return True while pid runs; a zombie waiting for its parent has stopped."""
+        stats = self.read_stats(pid)
+        return stats is not None and stats.state != "Z"
+
+    def leftover_tree(self, tree, start_ticks):
+        """True when a process tree recorded by a previous daemon still exists."""
+        return False
+
+    def grow_pipe(self, fd, size=CHATTY_PIPE_BYTES):
+        """Give a pipe a larger kernel buffer where the kernel allows it; True when it took."""
+        return False
+
+    def make_subreaper(self):
+        """Adopt orphaned descendants as PID 1 would; False where the kernel cannot."""
+        return False
+
+    def reaper_role(self):
+        """Reap every orphan from now on: "PID 1", "subreaper", or None where that cannot be."""
+        return None
+
+    def console_pipe(self, fd):
+        """Return (file, give_back) to write fd through an asyncio pipe transport; None: write it directly."""
+        return None
+
+    def raise_fd_limit(self):
+        """Lift the soft open-files limit to the hard one: each app holds 4 fds."""
+
+    def file_watch(self):
+        """Return an inotify-like watch, or None: then watched trees are scanned."""
+        return None
+
+    def sd_notify(self, message):
+        """Tell systemd (Type=notify) how we are doing; a no-op without NOTIFY_SOCKET."""
+        return False
+
+
+class PosixDriver(Driver):
     """macOS, the BSDs and the base of Linux: fork/exec, process groups, signals, Unix sockets."""
 
     shell = ("/bin/sh", "-c")
@@ -880,13 +943,8 @@ class PosixDriver:
         "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGQUIT", "SIGCONT", "SIGALRM", "SIGURG", "SIGPWR", "SIGINFO")
         if hasattr(signal, name))
 
-    def default_home(self):
-        """Return $OXMGR_HOME, else $XDG_DATA_HOME/oxmgr, else ~/.local/share/oxmgr."""
-        home = os.environ.get(ENV_HOME)
-        if home:
-            return os.path.abspath(os.path.expanduser(home))
-        base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-        return os.path.join(base, "oxmgr")
+    def _data_home(self):
+        return os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
 
     def secure_home(self, root):
         """Make the home private (0700); return a warning when it had to be tightened."""
@@ -979,11 +1037,6 @@ class PosixDriver:
         """Return True while any member of the process group exists."""
         return self.kill_tree(tree, 0)
 
-    def process_running(self, pid):
-        """Return True while pid runs; a zombie waiting for its parent has stopped."""
-        stats = self.read_stats(pid)
-        return stats is not None and stats.state != "Z"
-
     def leftover_tree(self, tree, start_ticks):
         """True when a process group recorded by a previous daemon still exists.
 
@@ -1005,27 +1058,15 @@ class PosixDriver:
             if signum is not None:
                 loop.add_signal_handler(signum, fn, signum)
 
-    def grow_pipe(self, fd, size=CHATTY_PIPE_BYTES):
-        """Give a pipe a larger kernel buffer where the kernel allows it; True when it took."""
-        return False
-
-    def make_subreaper(self):
-        """Adopt orphaned descendants as PID 1 would; False where the kernel cannot."""
-        return False
-
     def reaper_role(self):
-        """Reap every orphan from now on: "PID 1", "subreaper", or None where that cannot be."""
         if os.getpid() == 1:
             return "PID 1"
         return "subreaper" if self.make_subreaper() else None
 
     def console_pipe(self, fd):
-        """Return (file, give_back) to write fd through an asyncio pipe transport; None: write it directly.
-
-        A pipe or socket (docker's log driver, journald) gets a transport, which
-        makes the shared file description non-blocking until give_back(); a
-        terminal or a regular file is always writable.
-        """
+        # A pipe or socket (docker's log driver, journald) gets a transport, which makes
+        # the shared file description non-blocking until give_back(); a terminal or a
+        # regular file is always writable.
         import stat as stat_mod
         try:
             mode = os.fstat(fd).st_mode
@@ -1037,7 +1078,6 @@ class PosixDriver:
         return open(os.dup(fd), "wb", buffering=0), lambda: os.set_blocking(fd, blocking)
 
     def raise_fd_limit(self):
-        """Lift the soft open-files limit to the hard one: each app holds 4 fds."""
         try:
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             want = hard if hard != resource.RLIM_INFINITY else 1 << 16
@@ -1048,25 +1088,12 @@ class PosixDriver:
 
     # -- process table ------------------------------------------------------------
 
-    clock_ticks = 100  # ps reports cpu time in seconds: stored as centiseconds
-
     def process_table(self):
         """Return {pid: ProcStats} for every process (ps here; /proc on Linux)."""
         import subprocess
         out = subprocess.run(["ps", "-A", "-o", "pid=,ppid=,pgid=,sess=,state=,time=,rss=,lstart="],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=False).stdout
         return _parse_ps_output(out.decode("ascii", "replace"))
-
-    def read_stats(self, pid):
-        """Return ProcStats for one pid, or None when it is gone (never raises)."""
-        try:
-            return self.process_table().get(pid)
-        except OSError:
-            return None
-
-    def file_watch(self):
-        """Return an inotify-like watch, or None: then watched trees are scanned."""
-        return None
 
     # -- sockets ---------------------------------------------------------------------
 
@@ -1166,7 +1193,6 @@ class PosixDriver:
         return fd
 
     def sd_notify(self, message):
-        """Tell systemd (Type=notify) how we are doing; a no-op without NOTIFY_SOCKET."""
         address = os.environ.get("NOTIFY_SOCKET")
         if not address:
             return False
@@ -1277,29 +1303,21 @@ class LinuxDriver(PosixDriver):
         return sock, address
 
 
-class WindowsDriver:  # pragma: no cover  (the Windows issue fills in what says "not on Windows yet")
+class WindowsDriver(Driver):  # pragma: no cover  (the Windows issue fills in what says "not on Windows yet")
     """Windows: job objects, loopback TCP with a token, Toolhelp for the process table."""
 
     shell = ("cmd.exe", "/c")
     kill_signal = None                        # TerminateJobObject
     service_system = "task-scheduler"
     unix_sockets = False
-    stop_signals = ("SIGINT", "SIGBREAK")
-    forwarded_signals = ()
-    clock_ticks = 100  # FILETIME counts 100 ns: stored as centiseconds
+    stop_signals = ("SIGINT", "SIGBREAK")     # FILETIME counts 100 ns: cpu times are centiseconds too
 
     def _not_yet(self, what):
         # A SpawnError: an app whose start meets it becomes errored, with this reason.
         raise SpawnError(f"{what} is not on Windows yet; run the daemon on Linux or macOS for now")
 
-    def default_home(self):
-        home = os.environ.get(ENV_HOME)
-        if home:
-            return os.path.abspath(os.path.expanduser(home))
-        return os.path.join(os.environ.get("LOCALAPPDATA") or os.path.expanduser("~"), "oxmgr")
-
-    def secure_home(self, root):
-        return None  # the profile directory's ACL already keeps other users out
+    def _data_home(self):
+        return os.environ.get("LOCALAPPDATA") or os.path.expanduser("~")
 
     def check_program(self, argv, cwd, env):
         if cwd and not os.path.isdir(cwd):
@@ -1330,9 +1348,6 @@ class WindowsDriver:  # pragma: no cover  (the Windows issue fills in what says 
     def process_running(self, pid):
         return pid in self.process_table()  # never os.kill(pid, 0): 0 is CTRL_C_EVENT here
 
-    def leftover_tree(self, tree, start_ticks):
-        return False  # kill-on-close job objects die with the daemon that made them
-
     def reaper(self, loop, reap_all=False):
         self._not_yet("watching app exits")
 
@@ -1343,38 +1358,19 @@ class WindowsDriver:  # pragma: no cover  (the Windows issue fills in what says 
             if signum is not None:
                 signal.signal(signum, lambda s, _frame, fn=fn: loop.call_soon_threadsafe(fn, s))
 
-    def grow_pipe(self, fd, size=CHATTY_PIPE_BYTES):
-        return False
-
-    def make_subreaper(self):
-        return False
-
-    def reaper_role(self):
-        return None  # a job object holds each tree: there are no orphans to adopt
-
-    def console_pipe(self, fd):
-        return None
-
-    def raise_fd_limit(self):
-        pass
-
     def process_table(self):
         return _win32_process_table()
 
-    def read_stats(self, pid):
-        try:
-            return self.process_table().get(pid)
-        except OSError:
-            return None
+    def bind_unix(self, *args):
+        self._not_yet("Unix sockets")
 
-    def file_watch(self):
-        return None
+    connect_unix = bind_unix
 
-    def bind_unix(self, path, kind=None):
-        self._not_yet("a Unix socket")
+    def bind_notify(self, path):
+        self._not_yet("NOTIFY_SOCKET readiness")
 
-    def connect_unix(self, path, timeout):
-        self._not_yet("a Unix socket")
+    def bind_listener(self, address):
+        self._not_yet("held sockets")
 
     def peer_uid(self, sock):
         return None
@@ -1382,14 +1378,8 @@ class WindowsDriver:  # pragma: no cover  (the Windows issue fills in what says 
     def trusted_uid(self, uid):
         return False
 
-    def bind_notify(self, path):
-        self._not_yet("NOTIFY_SOCKET readiness")
-
     def unbind_notify(self, sock, address):
         sock.close()
-
-    def bind_listener(self, address):
-        self._not_yet("held sockets")
 
     def unbind_listener(self, address, sock):
         sock.close()
@@ -1402,9 +1392,6 @@ class WindowsDriver:  # pragma: no cover  (the Windows issue fills in what says 
             os.close(fd)
             return None
         return fd
-
-    def sd_notify(self, message):
-        return False
 
 
 _win32 = None  # (kernel32, psapi, structures), loaded on first use
