@@ -20,7 +20,8 @@ supported yet.
 The daemon and `runtime` run on asyncio, imported lean (ssl blocked while it
 loads); the CLI never imports it. Each app is a pure state machine (section
 11) that decides, and an async runtime (section 12) that carries the
-decisions out.
+decisions out. Async code lives in sections 12 to 15 only; sections 16 to 19
+(client, boot services, CLI) are synchronous and never touch asyncio.
 
 Sections (``grep -n '^# [0-9]\\+\\. ' oxmgr.py``):
      1. Header

@@ -87,8 +87,11 @@ def bench_oxmgr(tree, idle, delay, changes):
         setup = time.perf_counter() - t0
         assert r.returncode == 0, r.stderr
 
-        def app_state():
-            info = json.loads(run(ox + ["status", "w", "--json"], env).stdout)
+        sys.path.insert(0, os.path.dirname(HERE))
+        import oxmgr
+
+        def app_state():  # asked over the socket from here: a CLI call per poll would be the figure
+            info = oxmgr.request(oxmgr.Home(home), "status", targets=["w"])["processes"][0]
             return info["restart_count"], info["status"] == "running"
         return dict(measure(pid, tree, idle, delay, changes, 0, app_state), setup_s=setup)
     finally:
