@@ -4013,7 +4013,7 @@ def tail_lines(path, n, block=1 << 16):
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
-    return lines[-n:]
+    return [line[:-1] if line.endswith(b"\r") else line for line in lines[-n:]]  # CRLF (Windows) too
 
 
 def tail_log(path, n):

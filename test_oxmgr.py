@@ -513,7 +513,8 @@ class TestLayout(unittest.TestCase):
 
     def test_the_bootstrap_imports_what_the_header_imports(self):
         """Only this file's bytecode may go under the cache prefix: the bootstrap loads the header's modules first."""
-        header = [line.split()[1] for section, _, line in self.sections() if section == 1 and line.startswith("import ")]
+        header = [line.split()[1] for section, _, line in self.sections()
+                  if section == 1 and line.startswith("import ")]
         self.assertEqual(oxmgr._HEADER_IMPORTS.split(", "), header)
 
     def test_every_driver_has_the_same_methods(self):
