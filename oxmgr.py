@@ -5020,7 +5020,7 @@ class App:
         self._lock = asyncio.Lock()
         self._restart_task = None    # a crash restart waiting out its delay (not yet holding the lock)
         self._interrupt = None       # resolves to end a start that is waiting
-        self._interrupted = None     # why, when a stop, restart or delete waits for the lock
+        self._interrupted = []       # why, for each stop, restart or delete waiting for the lock
         self._ready = None           # resolves when the starting child is ready
         self._notify = None          # (socket, address, transport) of NOTIFY_SOCKET, once opened
 
@@ -5224,7 +5224,7 @@ class App:
         """
         interrupt = self._interrupt = self.loop.create_future()
         if self._interrupted:
-            interrupt.set_result(self._interrupted)  # asked before this launch began
+            interrupt.set_result(self._interrupted[-1])  # asked before this launch began
         try:
             if interrupt.done():
                 raise _StartInterrupted(interrupt.result())
@@ -5232,6 +5232,8 @@ class App:
                 await asyncio.wait([interrupt], timeout=delay)
                 if interrupt.done():
                     raise _StartInterrupted(interrupt.result())
+            if self.engine.closing:
+                raise _StartInterrupted("the daemon is shutting down")
             try:
                 run = await self._spawn()
             except _StartInterrupted:
@@ -5271,7 +5273,7 @@ class App:
 
     def _interrupt_start(self, reason):
         """A stop, restart or delete is coming: end a start that is waiting, or one still to come."""
-        self._interrupted = reason
+        self._interrupted.append(reason)
         if self._interrupt is not None and not self._interrupt.done():
             self._interrupt.set_result(reason)
 
@@ -5366,20 +5368,25 @@ class App:
         """Run op under the app's lock, the way every operation runs.
 
         `reason` ends a start that is waiting (latched, so a launch still to
-        come sees it too); a crash restart waiting out its delay is cancelled.
-        An operation that starts processes does nothing on a deleted app or
-        during a shutdown.
+        come sees it too) and cancels a crash restart waiting out its delay; a
+        plain start (no reason) leaves both alone. An operation that starts
+        processes does nothing on a deleted app or during a shutdown.
         """
         if reason:
             self._interrupt_start(reason)
-        self._cancel_restart()
-        async with self._lock:
             self._cancel_restart()
+        try:
+            async with self._lock:
+                if reason:
+                    self._cancel_restart()
+                    self._interrupted.remove(reason)  # served now; later requests stay latched
+                    reason = None
+                if starts and (self.closed or self.engine.closing):
+                    return None
+                return await op(*args)
+        finally:
             if reason:
-                self._interrupted = None  # this request is the one being served now
-            if starts and (self.closed or self.engine.closing):
-                return None
-            return await op(*args)
+                self._interrupted.remove(reason)  # cancelled while waiting for the lock
 
     async def start(self, launched=False):
         """Start the app if it is not alive; raises SpawnError if it cannot.
@@ -5425,8 +5432,10 @@ class App:
         self.rec.pgid = None
         return self.state.stopped(killed)
 
-    async def _restart_locked(self, spec=None, base_env=None, count=True):
+    async def _restart_locked(self, spec=None, base_env=None, count=True, rule=False):
         """Stop the child (its port must be free), take a new definition if given, start again."""
+        if rule and self.rec.desired == "stopped":
+            return  # a user's stop, queued before this rule's restart, wins
         self.watch.stop()
         decision = self.state.request_restart(count=count)
         if decision.action == Decision.KILL:
@@ -5434,7 +5443,7 @@ class App:
         else:
             await self._sweep_leftover()
         self._take(spec, base_env)
-        await self._launch(decision.delay)
+        await self._launch(self.spec.start_delay_s)
 
     async def restart(self, base_env=None):
         """Stop the old process (so its port is free), then start a new one."""
@@ -5447,7 +5456,7 @@ class App:
         self.rec.restart_reason = f"{reason} at {time.strftime('%Y-%m-%d %H:%M:%S')}"
         self.engine.log(f"{self.name}: restarting: {reason}")
         try:
-            await self.restart()
+            await self._exclusive("restarted before it was ready", self._restart_locked, None, None, True, True)
         except SpawnError as exc:
             self.engine.log(str(exc))
 

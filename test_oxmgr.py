@@ -2241,6 +2241,17 @@ class TestEngineFake(EngineTestCase):
         self.advance(60)
         self.assertEqual((app.state.status, len(self.driver.children)), ("stopped", 1))
 
+    def test_a_start_during_the_delay_leaves_the_crash_restart_to_happen(self):
+        app = self.add(restart_delay_s=30)
+        self.start(app)
+        self.driver.last.exit(code=1)
+        self.run_until(lambda: app.state.status == "restarting", "restarting")
+        self.start(app)  # already on its way back: nothing to do
+        self.assertEqual((app.state.status, len(self.driver.children)), ("restarting", 1))
+        self.advance(31)
+        self.run_until(lambda: app.state.status == "running", "the crash restart")
+        self.assertEqual(len(self.driver.children), 2)
+
     def test_a_user_restart_during_the_delay_replaces_the_crash_restart(self):
         app = self.add(restart_delay_s=30)
         self.start(app)
@@ -2334,6 +2345,61 @@ class TestEngineFake(EngineTestCase):
         with self.assertRaises(oxmgr.SpawnError):
             self.start(app)
         self.assertEqual((app.state.status, app.rec.pid, app.rec.pgid), ("errored", None, None))
+
+    def test_a_rule_restart_queued_behind_a_user_stop_does_not_undo_it(self):
+        self.driver.ignore = {signal.SIGTERM}
+        app = self.add(stop_timeout_s=30)
+        self.start(app)
+        restart = self.loop.create_task(app.restart())  # the old child is slow to stop
+        self.advance(1)
+        stop = self.loop.create_task(app.stop())
+        self.advance(1)
+        rule = self.loop.create_task(app.restart_for("watch: a.js changed"))  # desired is still "running"
+        self.advance(100)
+        self.run_until(lambda: restart.done() and stop.done() and rule.done(), "all three")
+        self.assertEqual((app.state.status, app.rec.desired), ("stopped", "stopped"))
+
+    def test_every_waiting_stop_ends_the_start_before_it(self):
+        """stop, restart, stop: the restart's launch is ended by the second stop, not waited out."""
+        self.driver.ignore = {signal.SIGTERM}
+        app = self.add(stop_timeout_s=30, wait_ready=True, ready_timeout_s=60)
+        start = self.loop.create_task(app.start())
+        self.run_until(lambda: self.driver.children, "spawned")
+        app._on_notify(b"READY=1")
+        self.run_async(start)
+        first = self.loop.create_task(app.stop())
+        self.advance(1)
+        restart = self.loop.create_task(app.restart())
+        self.advance(1)
+        second = self.loop.create_task(app.stop())
+        self.advance(300)
+        self.run_until(lambda: first.done() and restart.done() and second.done(), "all three")
+        self.assertEqual((app.state.status, len(self.driver.children)), ("stopped", 1))
+
+    def test_a_restart_finishing_its_stop_phase_during_a_shutdown_spawns_nothing(self):
+        self.driver.ignore = {signal.SIGTERM}
+        db = self.add(name="db", stop_timeout_s=10)
+        api = self.add(name="api", depends_on=["db"], stop_timeout_s=10)
+        self.start(db)
+        self.start(api)
+        restart = self.loop.create_task(db.restart())
+        self.advance(1)
+        self.engine.closing = True
+        shutdown = self.loop.create_task(self.engine.stop_all([db, api], desired=None))
+        self.advance(100)
+        self.run_until(lambda: shutdown.done() and restart.done(), "shutdown")
+        self.assertEqual(len(self.driver.children), 2)
+        self.assertEqual({db.state.status, api.state.status}, {"stopped"})
+
+    def test_replace_waits_the_new_definitions_start_delay(self):
+        app = self.add()
+        self.start(app)
+        replace = self.loop.create_task(app.replace(spec_of(command="true --v2", start_delay_s=30), None))
+        self.advance(5)
+        self.assertEqual(len(self.driver.children), 1)
+        self.advance(40)
+        self.run_async(replace)
+        self.assertEqual(len(self.driver.children), 2)
 
     def test_restart_stops_before_starting(self):
         app = self.add()
