@@ -2088,6 +2088,14 @@ class EngineTestCase(unittest.TestCase):
     def start(self, app):
         self.run_async(app.start())
 
+    def crashed(self, **kw):
+        """An app that ran, then crashed: it waits out its restart delay."""
+        app = self.add(**kw)
+        self.start(app)
+        self.driver.last.exit(code=1)
+        self.run_until(lambda: app.state.status == "restarting", "restarting")
+        return app
+
 
 class TestEngineFake(EngineTestCase):
 
@@ -2219,10 +2227,7 @@ class TestEngineFake(EngineTestCase):
         self.assertIn("command not found", app.rec.status_reason)
 
     def test_restart_delay_is_waited_out(self):
-        app = self.add(restart_delay_s=30)
-        self.start(app)
-        self.driver.last.exit(code=1)
-        self.run_until(lambda: app.state.status == "restarting", "restarting")
+        app = self.crashed(restart_delay_s=30)
         self.assertIn("restarting in 30s", app.rec.status_reason)
         self.advance(29)
         self.assertEqual((app.state.status, len(self.driver.children)), ("restarting", 1))
@@ -2232,20 +2237,14 @@ class TestEngineFake(EngineTestCase):
 
     def test_stop_cancels_a_pending_restart(self):
         """A stop during a 30 s restart delay: the delay passes and nothing respawns."""
-        app = self.add(restart_delay_s=30)
-        self.start(app)
-        self.driver.last.exit(code=1)
-        self.run_until(lambda: app.state.status == "restarting", "restarting")
+        app = self.crashed(restart_delay_s=30)
         self.run_async(app.stop())
         self.assertEqual(app.state.status, "stopped")
         self.advance(60)
         self.assertEqual((app.state.status, len(self.driver.children)), ("stopped", 1))
 
     def test_a_start_during_the_delay_leaves_the_crash_restart_to_happen(self):
-        app = self.add(restart_delay_s=30)
-        self.start(app)
-        self.driver.last.exit(code=1)
-        self.run_until(lambda: app.state.status == "restarting", "restarting")
+        app = self.crashed(restart_delay_s=30)
         self.start(app)  # already on its way back: nothing to do
         self.assertEqual((app.state.status, len(self.driver.children)), ("restarting", 1))
         self.advance(31)
@@ -2253,10 +2252,7 @@ class TestEngineFake(EngineTestCase):
         self.assertEqual(len(self.driver.children), 2)
 
     def test_a_user_restart_during_the_delay_replaces_the_crash_restart(self):
-        app = self.add(restart_delay_s=30)
-        self.start(app)
-        self.driver.last.exit(code=1)
-        self.run_until(lambda: app.state.status == "restarting", "restarting")
+        app = self.crashed(restart_delay_s=30)
         self.run_async(app.restart())
         self.assertEqual((app.state.status, len(self.driver.children)), ("running", 2))
         self.advance(60)
