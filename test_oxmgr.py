@@ -2088,6 +2088,13 @@ class EngineTestCase(unittest.TestCase):
     def start(self, app):
         self.run_async(app.start())
 
+    def start_ready(self, app):
+        """Start an app with wait_ready: its child says READY=1 once it is spawned."""
+        start = self.loop.create_task(app.start())
+        self.run_until(lambda: len(self.driver.children) and app._ready is not None, "waiting for READY=1")
+        app._on_notify(b"READY=1")
+        self.run_async(start)
+
     def crashed(self, **kw):
         """An app that ran, then crashed: it waits out its restart delay."""
         app = self.add(**kw)
@@ -2266,10 +2273,7 @@ class TestEngineFake(EngineTestCase):
         """The old child dies while its replacement gets ready: the crash restart waits, and the replacement
         takes over; no third process is spawned."""
         app = self.add(wait_ready=True, ready_timeout_s=60)
-        start = self.loop.create_task(app.start())
-        self.run_until(lambda: self.driver.children, "spawned")
-        self.notify_ready(self.driver.last)
-        self.run_until(start.done, "started")
+        self.start_ready(app)
         old = self.driver.last
         reload = self.loop.create_task(app.reload())
         self.run_until(lambda: len(self.driver.children) == 2, "replacement spawned")
@@ -2324,10 +2328,7 @@ class TestEngineFake(EngineTestCase):
         """The stop comes while the old child is still stopping: no new child is spawned, the app ends stopped."""
         self.driver.ignore = {signal.SIGTERM}
         app = self.add(stop_timeout_s=30, wait_ready=True, ready_timeout_s=60)
-        start = self.loop.create_task(app.start())
-        self.run_until(lambda: self.driver.children, "spawned")
-        app._on_notify(b"READY=1")
-        self.run_async(start)
+        self.start_ready(app)
         restart = self.loop.create_task(app.restart())
         self.advance(1)
         stop = self.loop.create_task(app.stop())
@@ -2359,10 +2360,7 @@ class TestEngineFake(EngineTestCase):
         """stop, restart, stop: the restart's launch is ended by the second stop, not waited out."""
         self.driver.ignore = {signal.SIGTERM}
         app = self.add(stop_timeout_s=30, wait_ready=True, ready_timeout_s=60)
-        start = self.loop.create_task(app.start())
-        self.run_until(lambda: self.driver.children, "spawned")
-        app._on_notify(b"READY=1")
-        self.run_async(start)
+        self.start_ready(app)
         first = self.loop.create_task(app.stop())
         self.advance(1)
         restart = self.loop.create_task(app.restart())
