@@ -76,7 +76,11 @@ ENV_LOG_MAX_FILES = "OXMGR_LOG_MAX_FILES"
 ENV_LOG_MAX_DAYS = "OXMGR_LOG_MAX_DAYS"
 
 PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 1 << 20            # one request line; longer ones are refused
+MAX_FRAME_BYTES = 1 << 20            # a request before it is trusted (TCP: until its token); longer ones are refused
+MAX_REQUEST_BYTES = 64 << 20         # a request on a trusted connection (a start of thousands of apps)
+LOG_FRAME_LINES = 2000               # a logs reply goes out in frames of this many lines
+STRANGERS_MAX = 16                   # TCP connections that have not shown the token yet
+STRANGER_DEADLINE_S = 5.0            # ... and how long one may take to show it
 STREAM_HIGH_WATER = 8 << 20          # a follower further behind than this is dropped
 CLIENT_TIMEOUT_S = 15.0              # quick requests (list, status, ping)
 CLIENT_LONG_TIMEOUT_S = 600.0        # requests that wait for processes to stop
@@ -104,6 +108,10 @@ NODE_EVAL_TIMEOUT_S = 15.0           # evaluating an ecosystem.config.js with no
 CONFIG_SUFFIXES = (".toml", ".json", ".json5", ".js", ".cjs", ".mjs")
 DEFAULT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 STDERR_TAIL_LINES = 20               # last stderr lines kept for crash reports
+
+MAX_NAME_BYTES = 200                 # NAME_MAX is 255 bytes: room for ".out.log.NN" and instance suffixes
+MAX_DURATION_S = 365 * 86400.0      # longer settings are typos, and timers past this overflow
+MAX_SIZE_BYTES = 1 << 40
 
 DEFAULT_LOG_MAX_SIZE_MB = 20.0
 DEFAULT_LOG_MAX_FILES = 5
@@ -217,8 +225,8 @@ _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1
                "g": 1 << 30, "gb": 1 << 30, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
 
 
-def _scaled_number(value, units, default_unit, expected):
-    """Return number * units[unit] for "1.5m", "150M" or a bare number; ValueError otherwise."""
+def _scaled_number(value, units, default_unit, expected, limit):
+    """Return number * units[unit] for "1.5m", "150M" or a bare number, at most `limit`; ValueError otherwise."""
     if isinstance(value, bool):
         raise ValueError(f"expected {expected}, got {value!r}")
     if isinstance(value, (int, float)):
@@ -231,7 +239,7 @@ def _scaled_number(value, units, default_unit, expected):
             number = float(digits)
         except ValueError:
             number = -1.0
-    if unit not in units or number != number or number < 0 or number == float("inf"):
+    if unit not in units or number != number or number < 0 or number * units[unit] > limit:
         raise ValueError(f"expected {expected}, got {value!r}")
     return number * units[unit]
 
@@ -241,12 +249,13 @@ def parse_duration(value, default_unit="s"):
 
     A bare number is in `default_unit` ("s", or "ms" for PM2 files).
     """
-    return _scaled_number(value, _DURATION_UNITS, default_unit, "a duration like '5s' or '500ms'")
+    return _scaled_number(value, _DURATION_UNITS, default_unit, "a duration like '5s' or '500ms', up to 365d",
+                          MAX_DURATION_S)
 
 
 def parse_size(value):
     """Return bytes for "150M", "1G", "512K", "2048" (bytes) and the like."""
-    return int(_scaled_number(value, _SIZE_UNITS, "", "a size like '200M'"))
+    return int(_scaled_number(value, _SIZE_UNITS, "", "a size like '200M', up to 1024G", MAX_SIZE_BYTES))
 
 
 def format_bytes(n):
@@ -339,12 +348,16 @@ def atomic_write(path, data, backup=None):
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        _unlink_quiet(tmp)  # a full disk must not also leave the half-written copy behind
+        raise
     if backup is not None:
         try:
             link_tmp = f"{backup}.tmp{os.getpid()}"
@@ -699,14 +712,25 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 class Child:
     """A spawned app process and the read ends of its stdout and stderr pipes."""
 
-    __slots__ = ("pid", "stdout", "stderr", "popen", "start_ticks")
+    __slots__ = ("pid", "stdout", "stderr", "popen", "start_ticks", "gate")
 
-    def __init__(self, pid, stdout, stderr, popen=None, start_ticks=None):
+    def __init__(self, pid, stdout, stderr, popen=None, start_ticks=None, gate=None):
         self.pid = pid
         self.stdout = stdout          # binary file objects: the pipes' read ends
         self.stderr = stderr
         self.popen = popen
         self.start_ticks = start_ticks  # with the pid, proves identity after a daemon restart
+        self.gate = gate              # fd the gated child waits on (see Driver.spawn)
+
+    def release(self):
+        """Let a gated child run (it is recorded now); closing the gate unwritten makes it exit."""
+        gate, self.gate = self.gate, None
+        if gate is not None:
+            try:
+                os.write(gate, b"\n")
+            except OSError:
+                pass  # it is gone already: its exit is reaped as usual
+            close_fd(gate)
 
     def reaped(self, returncode):
         """Tell Popen the process is gone, so it never waits for a pid that may be reused."""
@@ -715,9 +739,10 @@ class Child:
 
 
 def close_fd(fd):
-    """Close a descriptor, ignoring one that is already closed."""
+    """Close a descriptor, ignoring one that is already closed (or None)."""
     try:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     except OSError:
         pass
 
@@ -887,6 +912,14 @@ class Driver:
         """Make the home private; return a warning when it had to be tightened."""
         return None
 
+    def owned_by_us(self, st):
+        """True when a stat result belongs to this user (or root); where there are no uids, always."""
+        return True
+
+    def marked_strays(self, home_root, known):
+        """Process groups led by an app of this home (its environment says so) that are not in `known`."""
+        return []
+
     def read_stats(self, pid):
         """Return ProcStats for one pid, or None when it is gone (never raises)."""
         try:
@@ -948,12 +981,23 @@ class PosixDriver(Driver):
         return os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
 
     def secure_home(self, root):
-        """Make the home private (0700); return a warning when it had to be tightened."""
-        mode = os.stat(root).st_mode & 0o777
+        """Make the home private (0700); return a warning when it had to be tightened.
+
+        A home another user owns is refused: its owner could plant the socket
+        or read what we write there.
+        """
+        st = os.stat(root)
+        if st.st_uid != os.getuid():
+            raise OxmgrError(f"home {root!r} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+                             f"set {ENV_HOME} to a directory of your own, or chown it")
+        mode = st.st_mode & 0o777
         if mode & 0o077:
             os.chmod(root, 0o700)
             return f"home {root!r} was mode {mode:o}; set to 700 so only you can reach it"
         return None
+
+    def owned_by_us(self, st):
+        return self.trusted_uid(st.st_uid)
 
     # -- processes ----------------------------------------------------------------
 
@@ -974,15 +1018,24 @@ class PosixDriver(Driver):
         if os.path.isdir(path) or not os.access(path, os.X_OK):
             raise SpawnError(f"permission denied: {program!r} is not executable", EXIT_NOT_EXECUTABLE)
 
-    def spawn(self, argv, cwd, env, listen_fds=()):
+    def spawn(self, argv, cwd, env, listen_fds=(), gated=False):
         """Start argv in its own session and process group, stdin from /dev/null.
 
         Returns a Child whose pid is the app's pid and its group id; stdout and
         stderr are pipes to us. listen_fds are passed as fds 3, 4... with
         LISTEN_FDS/LISTEN_PID set (systemd's socket passing). Raises SpawnError.
+
+        gated: the child waits (a shell reading its stdin, which then execs the
+        app in place, same pid) until Child.release(); if we die first, it reads
+        end-of-file and exits. So no process runs that the state file does not name.
         """
         import subprocess
         kwargs = {}
+        stdin = subprocess.DEVNULL
+        if gated:
+            self.check_program(argv, cwd, env)  # exec errors would otherwise surface as an exit of the shell
+            argv = [self.shell[0], "-c", 'read -r _ || exit 125; exec "$@" </dev/null', argv[0]] + list(argv)
+            stdin, gate = os.pipe()
         if listen_fds:
             # The environment is installed by the preexec hook, so look the program up on the app's PATH here.
             program = argv[0] if os.sep in argv[0] else (_which_in(argv[0], env.get("PATH")) or argv[0])
@@ -993,20 +1046,20 @@ class PosixDriver(Driver):
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+            popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=out_w, stderr=err_w,
                                      close_fds=True, start_new_session=True, **kwargs)
         except (OSError, ValueError) as exc:
-            for fd in (out_r, err_r):
+            for fd in (out_r, err_r) + ((gate,) if gated else ()):
                 close_fd(fd)
             if isinstance(exc, ValueError):  # an embedded NUL in argv, env or cwd
                 raise SpawnError(f"cannot start {argv[0]!r}: {exc}", EXIT_NOT_EXECUTABLE) from None
             raise _spawn_error(exc, argv, cwd) from None
         finally:
-            close_fd(out_w)
-            close_fd(err_w)
+            for fd in (out_w, err_w) + ((stdin,) if gated else ()):
+                close_fd(fd)
         stats = self.read_stats(popen.pid)
         return Child(popen.pid, open(out_r, "rb", buffering=0), open(err_r, "rb", buffering=0), popen,
-                     stats.start_ticks if stats else None)
+                     stats.start_ticks if stats else None, gate if gated else None)
 
     def spawn_detached(self, argv, log_path, env=None):
         """Start a background process in a new session, stdio to `log_path`."""
@@ -1158,6 +1211,21 @@ class PosixDriver(Driver):
         if not address.startswith("@"):
             _unlink_quiet(address)
 
+    def read_notify(self, sock):
+        """Return the datagrams waiting on a notify socket as [(data, sender pid, sender uid)]."""
+        out = []
+        while True:
+            try:
+                data, pid, uid = self._receive(sock)
+            except (BlockingIOError, InterruptedError):
+                return out
+            except OSError:
+                return out
+            out.append((data, pid, uid))
+
+    def _receive(self, sock):
+        return sock.recv(4096), None, None  # the socket sits in the private home: only we reach it
+
     def bind_listener(self, address):
         """Bind and listen on "tcp://host:port" or "unix:/path" for an app; SpawnError if it cannot."""
         try:
@@ -1252,6 +1320,23 @@ class LinuxDriver(PosixDriver):
                 table[stats.pid] = stats
         return table
 
+    def marked_strays(self, home_root, known):
+        # Our apps lead their own session and group, and carry OXMGR_HOME and OXMGR_ID.
+        marker = b"\0" + os.fsencode(f"{ENV_HOME}={home_root}") + b"\0"
+        found = []
+        for st in self.process_table().values():
+            if st.pid == st.pgid == st.sid and st.pid not in known and st.pid != os.getpid() and st.state != "Z":
+                try:
+                    if os.stat(f"/proc/{st.pid}").st_uid != os.getuid():
+                        continue
+                    with open(f"/proc/{st.pid}/environ", "rb") as f:
+                        env = b"\0" + f.read() + b"\0"
+                except OSError:
+                    continue
+                if marker in env and b"\0OXMGR_ID=" in env:
+                    found.append(st.pid)
+        return found
+
     def read_stats(self, pid):
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
@@ -1296,12 +1381,23 @@ class LinuxDriver(PosixDriver):
 
     def bind_notify(self, path):
         if len(os.fsencode(path)) < 100:
-            return super().bind_notify(path)
-        # too long for sun_path: an abstract name, which sd_notify spells with a leading @
-        address = f"@oxmgr-{os.getuid()}-{abs(_stable_number(path))}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        sock.bind("\0" + address[1:])
+            sock, address = super().bind_notify(path)
+        else:
+            # Too long for sun_path: an abstract name (sd_notify spells it with a leading @). Any
+            # user can reach that, so every datagram's sender is checked (SO_PASSCRED).
+            address = f"@oxmgr-{os.getuid()}-{os.urandom(8).hex()}"
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind("\0" + address[1:])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         return sock, address
+
+    def _receive(self, sock):
+        data, ancillary, _, _ = sock.recvmsg(4096, socket.CMSG_SPACE(12))
+        for level, kind, creds in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(creds) >= 12:
+                pid, uid = int.from_bytes(creds[0:4], sys.byteorder), int.from_bytes(creds[4:8], sys.byteorder)
+                return data, pid, uid
+        return data, None, None
 
 
 class WindowsDriver(Driver):  # pragma: no cover  (the Windows issue fills in what says "not on Windows yet")
@@ -1324,7 +1420,7 @@ class WindowsDriver(Driver):  # pragma: no cover  (the Windows issue fills in wh
         if cwd and not os.path.isdir(cwd):
             raise SpawnError(f"cwd does not exist: {cwd!r}", EXIT_NOT_FOUND)
 
-    def spawn(self, argv, cwd, env, listen_fds=()):
+    def spawn(self, argv, cwd, env, listen_fds=(), gated=False):
         self._not_yet("supervising apps")
 
     def spawn_detached(self, argv, log_path, env=None):
@@ -1369,6 +1465,8 @@ class WindowsDriver(Driver):  # pragma: no cover  (the Windows issue fills in wh
 
     def bind_notify(self, path):
         self._not_yet("NOTIFY_SOCKET readiness")
+
+    read_notify = bind_notify
 
     def bind_listener(self, address):
         self._not_yet("held sockets")
@@ -1494,7 +1592,32 @@ def validate_name(name):
         raise ValueError(f"{name!r} cannot be a name (reserved, numeric or starts with '-')")
     if len(name) > 128 or any(c in _NAME_FORBIDDEN or c.isspace() or not c.isprintable() for c in name):
         raise ValueError(f"{name!r} cannot be a name: use letters, digits and -_.@: (no spaces or '/')")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"{name!r} is {size} bytes in UTF-8; a name is at most {MAX_NAME_BYTES}, "
+                         f"so its log files (<name>.out.log.N) fit a file name")
     return name
+
+
+def _check_text(value):
+    """Refuse what exec, a file name or the state file cannot carry: a NUL, a lone surrogate."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key)
+            try:
+                _check_text(item)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_text(item)
+    elif isinstance(value, str):
+        if "\0" in value:
+            raise ValueError(f"{value!r} contains a NUL character; remove it")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{value!r} is not valid text (a lone surrogate); write it in UTF-8") from None
 
 
 def _v_str(value):
@@ -1905,6 +2028,7 @@ class AppSpec:
             if value is None and _SPEC_DEFAULTS[key] is None:
                 continue
             try:
+                _check_text(value)
                 values[key] = _SPEC_VALIDATORS[key](value)
             except ValueError as exc:
                 errors.append(f"{where}: {key}: {exc}")
@@ -3588,6 +3712,7 @@ _RECORD_FIELDS = (
     ("last_signal", None),
     ("status_reason", None),        # why the status is what it is (errored, crashed...)
     ("restart_reason", None),       # why a rule (health, limit, watch, cron) last restarted it
+    ("other_groups", None),         # [pgid, start_ticks] of a reload's replacement or retired run
     ("base_env", None),             # environment of the CLI that started the app
 )
 
@@ -3605,6 +3730,8 @@ class ProcessRecord:
             raise TypeError(f"unknown ProcessRecord fields: {sorted(values)}")
         if self.base_env is None:
             self.base_env = {}
+        if self.other_groups is None:
+            self.other_groups = []
 
     @property
     def name(self):
@@ -3652,6 +3779,10 @@ class ProcessRecord:
                 raise StateError(f"process {ident}: {key} must be an integer")
         if not isinstance(values["base_env"] or {}, dict):
             raise StateError(f"process {ident}: base_env must be an environment")
+        groups = values["other_groups"] or []
+        if not isinstance(groups, list) or not all(
+                isinstance(g, list) and len(g) == 2 and all(isinstance(n, int) or n is None for n in g) for g in groups):
+            raise StateError(f"process {ident}: other_groups must be a list of [pgid, start_ticks]")
         return cls(spec, **values)
 
 
@@ -3692,7 +3823,12 @@ def _parse_state(raw):
                 raise StateError(f"process {item.get('id')!r}: base_env {index} is not in 'envs'")
             item["base_env"] = envs[index]
     shared = {}  # records that shared an environment share it again (memory)
-    records = [ProcessRecord.from_dict(item) for item in data["processes"]]
+    records, skipped = [], []
+    for item in data["processes"]:
+        try:
+            records.append(ProcessRecord.from_dict(item))
+        except StateError as exc:  # one bad entry never costs the others
+            skipped.append(str(exc))
     for rec in records:
         rec.base_env = shared.setdefault(to_json(rec.base_env or {}, sort_keys=True), rec.base_env)
     ids = [r.id for r in records]
@@ -3703,35 +3839,75 @@ def _parse_state(raw):
     if not isinstance(next_id, int) or isinstance(next_id, bool):
         raise StateError("next_id must be an integer")
     next_id = max([next_id] + [i + 1 for i in ids])
-    return next_id, records
+    return next_id, records, skipped
+
+
+def read_own_file(path, limit=64 << 20):
+    """Return the bytes of a regular file this user owns; None when there is none; StateError otherwise.
+
+    Opened non-blocking and checked on the open descriptor, so a fifo, a
+    directory, a symlink loop or another user's planted file is refused
+    rather than read, hung on or trusted.
+    """
+    import stat as stat_mod
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateError(f"cannot open {path!r}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat_mod.S_ISREG(st.st_mode):
+            raise StateError(f"{path!r} is not a regular file; remove it")
+        if not DRIVER.owned_by_us(st):
+            raise StateError(f"{path!r} belongs to uid {st.st_uid}, not to you; remove it or use your own "
+                             f"{ENV_HOME}")
+        if st.st_size > limit:
+            raise StateError(f"{path!r} is {st.st_size} bytes, more than a state file can be")
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError as exc:
+        raise StateError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def load_state(home):
     """Return (next_id, records, warnings) from state.json, recovering if needed.
 
-    A corrupt state.json is renamed to state.json.corrupt-<time> and the last
-    good copy (state.json.bak) is used; with neither, the set starts empty.
+    A copy that cannot be read or parsed is reported (and a corrupt one moved
+    to state.json.corrupt-<time>), then the last good copy (state.json.bak) is
+    tried; with neither, the set starts empty and the warnings say so.
     """
     warnings = []
     for path in (home.state, home.state_backup):
         try:
-            with open(path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
+            raw = read_own_file(path)
+            if raw is None:
+                continue
+            next_id, records, skipped = _parse_state(raw)
+        except StateError as exc:
+            warnings.append(f"state file {exc}")
             continue
-        try:
-            next_id, records = _parse_state(raw)
-        except (ValueError, StateError) as exc:
+        except (ValueError, RecursionError, MemoryError) as exc:
             aside = f"{path}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
             try:
                 os.replace(path, aside)
             except OSError:
                 aside = path
-            warnings.append(f"state file {path!r} is unreadable ({exc}); moved to {aside!r}")
+            warnings.append(f"state file {path!r} is unreadable ({str(exc)[:200]}); moved to {aside!r}")
             continue
+        warnings.extend(f"state file {path!r}: {why}; that app is left out" for why in skipped)
         if path == home.state_backup:
             warnings.append(f"using the last good copy {path!r}")
         return next_id, records, warnings
+    if warnings:
+        warnings.append("starting with no apps: no copy of the state could be read")
     return 0, [], warnings
 
 # -- logs ------------------------------------------------------------------------
@@ -3807,6 +3983,8 @@ class RotatingLog:
                     self._at_line_start = f.read(1) == b"\n"
             except OSError:
                 pass  # unreadable: assume a line boundary
+            if not self._at_line_start:
+                self._write_all(b"\n")  # end a line a killed daemon (or another program) left open
 
     def write(self, data):
         """Append bytes, rotating first whenever the next line would not fit.
@@ -3951,30 +4129,40 @@ class LineBuffer:
     returned begins a line (it does not after such a cut).
     """
 
-    __slots__ = ("limit", "rest", "at_line_start")
+    __slots__ = ("limit", "pieces", "size", "at_line_start")
 
     def __init__(self, limit=MAX_LINE_BYTES):
         self.limit = limit
-        self.rest = b""
+        self.pieces = []   # the unterminated rest, kept in pieces: a long line costs no quadratic copying
+        self.size = 0
         self.at_line_start = True
 
     def feed(self, data):
         """Return the whole lines received so far (newlines kept), or a piece of an overlong line."""
         end = data.rfind(b"\n") + 1
         if end:
-            out = self.rest + data[:end] if self.rest else (data if end == len(data) else data[:end])
-            self.rest = data[end:]
+            if self.pieces:
+                self.pieces.append(data[:end])
+                out = b"".join(self.pieces)
+            else:
+                out = data if end == len(data) else data[:end]
+            rest = data[end:]
+            self.pieces, self.size = ([rest] if rest else []), len(rest)
         else:
-            out, self.rest = b"", self.rest + data
-        if len(self.rest) > self.limit:
-            out, self.rest = out + self.rest, b""
+            out = b""
+            if data:
+                self.pieces.append(data)
+                self.size += len(data)
+        if self.size > self.limit:
+            out += self.flush()
         if out:
             self.at_line_start = out.endswith(b"\n")
         return out
 
     def flush(self):
         """Return the unterminated last line, if any (the stream has ended)."""
-        out, self.rest = self.rest, b""
+        out = b"".join(self.pieces)
+        self.pieces, self.size = [], 0
         self.at_line_start = True
         return out
 
@@ -3992,41 +4180,92 @@ def stamp_lines(data, stamp, at_line_start):
     return text + b"\n" if data.endswith(b"\n") else text
 
 
-def tail_lines(path, n, block=1 << 16):
-    """Return the last n lines of a file as bytes without a trailing newline."""
-    if n <= 0:
-        return []
+def _tail_start(f, end, n, block=1 << 16):
+    """Scan back from `end`; yield between blocks, return (offset where the last n lines begin, lines found)."""
+    if n <= 0 or end == 0:
+        return end, 0
+    f.seek(end - 1)
+    skip = 1 if f.read(1) == b"\n" else 0  # the last line's own newline begins nothing
+    need, seen, pos = n + skip, 0, end
+    while pos > 0:
+        step = min(block, pos)
+        pos -= step
+        f.seek(pos)
+        data = f.read(step)
+        count = data.count(b"\n")
+        if seen + count >= need:
+            at = len(data)
+            for _ in range(need - seen):
+                at = data.rfind(b"\n", 0, at)
+            return pos + at + 1, n
+        seen += count
+        yield
+    return 0, seen - skip + 1  # the first line has no newline before it
+
+
+def tail_scan(path, n):
+    """Find the last n lines of a log, reaching back into its rotated files (linear, in steps).
+
+    A generator: it yields between 64 KiB blocks (so a caller on the loop can
+    let others run) and returns [(open file, start, end)], oldest first. Every
+    file is opened and sized before the first yield, so a rotation meanwhile
+    neither hides nor repeats a line.
+    """
+    files = []
+    for i in range(1 << 16):
+        try:
+            f = open(path if i == 0 else f"{path}.{i}", "rb")
+        except OSError:
+            if i == 0:
+                continue  # no current file (yet): older ones may still have lines
+            break
+        files.append((f, os.fstat(f.fileno()).st_size))
+    segments = []
     try:
-        f = open(path, "rb")
-    except OSError:
-        return []
-    with f:
-        f.seek(0, os.SEEK_END)
-        end = f.tell()
-        data = b""
-        pos = end
-        while pos > 0 and data.count(b"\n") <= n:
-            step = min(block, pos)
-            pos -= step
-            f.seek(pos)
-            data = f.read(step) + data
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    return [line[:-1] if line.endswith(b"\r") else line for line in lines[-n:]]  # CRLF (Windows) too
+        yield  # the snapshot is taken
+        for f, end in files:
+            if n <= 0:
+                f.close()
+                continue
+            start, found = yield from _tail_start(f, end, n)
+            segments.insert(0, (f, start, end))
+            n -= found
+    except BaseException:
+        for f, _ in files:
+            f.close()
+        raise
+    return segments
+
+
+def read_segments(segments, chunk=1 << 18):
+    """Yield lists of lines (no newline, a CRLF's CR dropped) from tail_scan's segments; closes the files."""
+    try:
+        for f, start, end in segments:
+            f.seek(start)
+            left, carry = end - start, b""
+            while left > 0:
+                data = f.read(min(chunk, left))
+                if not data:
+                    break
+                left -= len(data)
+                lines = (carry + data).split(b"\n")
+                carry = lines.pop()
+                yield [line[:-1] if line.endswith(b"\r") else line for line in lines]
+            if carry:
+                yield [carry[:-1] if carry.endswith(b"\r") else carry]
+    finally:
+        for f, _, _ in segments:
+            f.close()
 
 
 def tail_log(path, n):
-    """Return the last n lines of a log, reaching back into its rotated files."""
-    lines = tail_lines(path, n)
-    i = 1
-    while len(lines) < n:
-        older = f"{path}.{i}"
-        if not os.path.exists(older):
-            break
-        lines = tail_lines(older, n - len(lines)) + lines
-        i += 1
-    return lines
+    """Return the last n lines of a log (and its rotated files) as a list of bytes."""
+    scan = tail_scan(path, n)
+    while True:
+        try:
+            next(scan)
+        except StopIteration as done:
+            return [line for lines in read_segments(done.value) for line in lines]
 
 
 # =============================================================================
@@ -4039,10 +4278,10 @@ def encode(msg):
     return to_json(msg).encode() + b"\n"
 
 
-def decode(line):
+def decode(line, limit=MAX_REQUEST_BYTES):
     """Parse one frame into a dict; raise IpcError for anything else."""
-    if len(line) > MAX_FRAME_BYTES:
-        raise IpcError(f"frame of {len(line)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    if len(line) > limit:
+        raise IpcError(f"frame of {len(line)} bytes exceeds the {limit}-byte limit")
     try:
         msg = from_json(line.decode("utf-8") if isinstance(line, (bytes, bytearray)) else line)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -4400,25 +4639,6 @@ class _Pipe:
         self.run._pipe_closed(self.stream)
 
 
-class _Notify:
-    """An app's NOTIFY_SOCKET, as an asyncio datagram protocol."""
-
-    def __init__(self, app):
-        self.app = app
-
-    def connection_made(self, transport):
-        pass
-
-    def datagram_received(self, data, addr):
-        self.app._on_notify(data)
-
-    def error_received(self, exc):
-        pass
-
-    def connection_lost(self, exc):
-        pass
-
-
 class Run:
     """One spawn of a command: its child, its output pipes, its exit.
 
@@ -4445,9 +4665,12 @@ class Run:
         engine.reaper.watch(child.pid, self._reaped)
 
     @classmethod
-    async def start(cls, engine, argv, cwd, env, listen_fds=(), on_output=None, on_exit=None):
-        """Spawn argv and connect its pipes; SpawnError if it cannot start."""
-        child = engine.driver.spawn(argv, cwd, env, listen_fds)
+    async def start(cls, engine, argv, cwd, env, listen_fds=(), on_output=None, on_exit=None, gated=False):
+        """Spawn argv and connect its pipes; SpawnError if it cannot start.
+
+        gated: the child waits for engine.commit() (see Driver.spawn).
+        """
+        child = engine.driver.spawn(argv, cwd, env, listen_fds, gated=gated)
         run = cls(engine, child, on_output or (lambda stream, chunk, starts: None), on_exit)
         loop = engine.loop
         try:
@@ -4455,6 +4678,7 @@ class Run:
                 run.transports[stream], _ = await loop.connect_read_pipe(lambda s=stream: _Pipe(run, s), pipe)
         except BaseException as exc:  # cancelled, or out of descriptors: the child must not outlive this
             engine.driver.kill_tree(run.pid, engine.driver.kill_signal)
+            close_fd(child.gate)
             run.close()
             for pipe in (child.stdout, child.stderr):
                 pipe.close()
@@ -4471,11 +4695,12 @@ class Run:
             self._on_output(stream, chunk, starts)
 
     def _flush(self, stream):
+        """The stream ended: its unterminated last line is ended here, so the next run's first is its own."""
         framer = self._framers[stream]
         starts = framer.at_line_start
         rest = framer.flush()
         if rest:
-            self._on_output(stream, rest, starts)
+            self._on_output(stream, rest + b"\n", starts)
 
     def _pipe_closed(self, stream):
         self._flush(stream)
@@ -5022,6 +5247,7 @@ class App:
         self._interrupt = None       # resolves to end a start that is waiting
         self._interrupted = []       # why, for each stop, restart or delete waiting for the lock
         self._ready = None           # resolves when the starting child is ready
+        self._ready_run = None       # the run it waits for
         self._notify = None          # (socket, address, transport) of NOTIFY_SOCKET, once opened
 
     @property
@@ -5095,26 +5321,47 @@ class App:
 
     # -- readiness (sd_notify, ready_tcp, health) -------------------------------
 
-    async def _open_notify(self):
+    def _open_notify(self):
         """Open this app's NOTIFY_SOCKET (systemd's sd_notify protocol); return its address."""
         if self._notify is None:
             sock, address = self.engine.driver.bind_notify(self.engine.home.notify_path(self.rec.id))
-            transport, _ = await self.loop.create_datagram_endpoint(lambda: _Notify(self), sock=sock)
-            self._notify = (sock, address, transport)
+            sock.setblocking(False)
+            self.loop.add_reader(sock.fileno(), self._read_notify, sock)
+            self._notify = (sock, address)
         return self._notify[1]
 
     def close_notify(self):
         if self._notify is not None:
-            sock, address, transport = self._notify
-            transport.close()
+            sock, address = self._notify
+            self.loop.remove_reader(sock.fileno())
             self.engine.driver.unbind_notify(sock, address)
             self._notify = None
 
-    def _on_notify(self, data):
+    def _read_notify(self, sock):
+        for data, pid, uid in self.engine.driver.read_notify(sock):
+            self._on_notify(data, pid, uid)
+
+    def _on_notify(self, data, pid=None, uid=None):
+        """One datagram; where the driver knows the sender, only the app's own groups are heard.
+
+        Another user can reach an abstract socket, and during a reload the old
+        process must not declare its replacement ready.
+        """
+        driver = self.engine.driver
+        if uid is not None and not driver.trusted_uid(uid):
+            self.engine.log_once(f"{self.name}: ignoring NOTIFY_SOCKET messages from uid {uid}")
+            return
+        awaited = self._ready_run
+        group = None
+        if pid is not None:
+            stats = driver.read_stats(pid)
+            group = stats.pgid if stats is not None else None  # gone already: it was ours to send
+            if group is not None and group not in {r.pid for r in (self.run, awaited) if r is not None}:
+                return
         for line in data.decode("utf-8", "replace").splitlines():
             key, _, value = line.partition("=")
             if key == "READY" and value == "1":
-                if self._ready is not None and not self._ready.done():
+                if self._ready is not None and not self._ready.done() and group in (None, awaited.pid):
                     self._ready.set_result("READY=1")
             elif key == "STATUS":
                 self.notify_status = value[:200]
@@ -5141,6 +5388,7 @@ class App:
         """Wait until the run is ready; raise SpawnError (or _StartInterrupted) if it is not."""
         spec = self.spec
         ready = self._ready = self.loop.create_future()
+        self._ready_run = run
         waits, pollers = [], []
         if spec.wait_ready:
             waits.append("READY=1 on NOTIFY_SOCKET")
@@ -5156,7 +5404,7 @@ class App:
         finally:
             for task in pollers:
                 task.cancel()
-            self._ready = None
+            self._ready = self._ready_run = None
         if run.exited.done():  # first: its exit has been handled, whatever else came in the same turn
             raise SpawnError(f"{self.name!r} {describe_exit(*run.exited.result())} before it was ready")
         if ready.done():
@@ -5192,14 +5440,16 @@ class App:
         listen_fds = []
         try:
             if spec.wait_ready:
-                env["NOTIFY_SOCKET"] = await self._open_notify()
+                env["NOTIFY_SOCKET"] = self._open_notify()
             if spec.listen:
                 listen_fds = [sock.fileno() for sock in self.engine.held_sockets(self)]
                 env["LISTEN_FDS"] = str(len(listen_fds))
                 env["LISTEN_FDNAMES"] = ":".join([spec.base_name or spec.name] * len(listen_fds))
         except OSError as exc:
             raise SpawnError(f"cannot prepare {self.name!r}: {exc.strerror or exc}") from None
-        return await Run.start(self.engine, argv, spec.cwd, env, listen_fds, self._output, self._exited)
+        env[ENV_HOME] = self.engine.home.root  # a nested oxmgr finds this daemon; a new one finds strays
+        return await Run.start(self.engine, argv, spec.cwd, env, listen_fds, self._output, self._exited,
+                               gated=self.engine.persist)
 
     def _became(self, run):
         """A run is the app's current child now."""
@@ -5246,6 +5496,10 @@ class App:
             if current:
                 self._became(run)
                 self.state.spawned(self.needs_ready())
+            else:
+                self._hold(run)
+            self.engine.commit(run.child)  # in the records now: it may run
+            if current:
                 if run.exited.done():
                     self._exited(run)  # it exited while its pipes were being connected
                 elif not self.needs_ready():
@@ -5265,11 +5519,21 @@ class App:
                 if not current:
                     # A replacement that failed goes, with its group; the old process serves on.
                     await run.stop(parse_signal(self.spec.stop_signal), self.spec.stop_timeout_s)
+                    self._let_go(run)
                 raise
             return run
         finally:
             if self._interrupt is interrupt:
                 self._interrupt = None
+
+    def _hold(self, run):
+        """Record a group that is not the app's child (a reload's replacement or retired run) until it is gone."""
+        self.rec.other_groups = self.rec.other_groups + [[run.pid, run.child.start_ticks]]
+        self.engine.save_soon()
+
+    def _let_go(self, run):
+        self.rec.other_groups = [g for g in self.rec.other_groups if g[0] != run.pid]
+        self.engine.save_soon()
 
     def _interrupt_start(self, reason):
         """A stop, restart or delete is coming: end a start that is waiting, or one still to come."""
@@ -5502,11 +5766,14 @@ class App:
             self._became(new)
             self.rec.restart_count += 1
             self.engine.save_soon()
+        self._let_go(new)
+        self._hold(old)
         if new.exited.done():
             self._exited(new)  # it died the moment it was ready
         else:
             self.health.running()
         await old.stop(parse_signal(self.spec.stop_signal), self.spec.stop_timeout_s)
+        self._let_go(old)
         return "reloaded"
 
     def _take(self, spec, base_env):
@@ -5555,7 +5822,14 @@ class App:
     # -- reporting ----------------------------------------------------------
 
     def describe(self):
-        """Return the public view of the app: no env values, ever."""
+        """Return the public view of the app: no env values, ever; never raises (list must always work)."""
+        try:
+            return self._view()
+        except Exception as exc:  # pragma: no cover  (a spec that exists is valid; this is the last line)
+            return {"id": self.rec.id, "name": self.name, "status": self.rec.status,
+                    "status_reason": f"cannot describe: {type(exc).__name__}: {exc}"}
+
+    def _view(self):
         rec = self.rec
         spec = rec.spec
         run = self.run
@@ -5673,6 +5947,7 @@ class Engine:
         self._sampler = TreeSampler(self.driver.clock_ticks)
         self._timers = {}
         self._save_handle = None
+        self._gated = []               # spawned children waiting for the save that records them
         self._logged_once = set()
         self._background = set()
         self._logs = {}                # path -> [RotatingLog, users]: instances may share a file
@@ -5765,6 +6040,20 @@ class Engine:
         """
         if self.persist and self._save_handle is None:
             self._save_handle = self.loop.call_later(0, self.save_now)
+
+    def commit(self, child):
+        """Let a gated child run once the records naming it are saved (one save per loop turn)."""
+        if child.gate is None:
+            return
+        self._gated.append(child)
+        if len(self._gated) == 1:
+            self.loop.call_soon(self._release_gated)
+
+    def _release_gated(self):
+        gated, self._gated = self._gated, []
+        self.save_now()  # a failed save is logged; the apps run anyway, and a new daemon finds them by marker
+        for child in gated:
+            child.release()
 
     def save_now(self):
         if self._save_handle is not None:
@@ -5888,6 +6177,8 @@ class Engine:
             timer.cancel()
         if self._save_handle is not None:
             self._save_handle.cancel()
+        for child in self._gated:
+            close_fd(child.gate)  # never recorded: they exit
         for app in self.apps.values():
             app.detach()
             app.close_notify()
@@ -5973,6 +6264,16 @@ class Engine:
 # =============================================================================
 
 
+async def _drive(scan):
+    """Run a stepping generator (tail_scan) to its end, letting the loop run between steps."""
+    while True:
+        try:
+            next(scan)
+        except StopIteration as done:
+            return done.value
+        await asyncio.sleep(0)
+
+
 def _arg_targets(msg):
     targets = msg.get("targets")
     if isinstance(targets, str):
@@ -5987,9 +6288,14 @@ def _arg_env(msg, key="env"):
     if env is None:
         return None
     try:
-        return _v_env(env)
-    except ValueError as exc:
-        raise IpcError(f"'{key}': {exc}") from None
+        env = _v_env(env)
+        for name, value in env.items():
+            if "\0" in name + value:
+                raise ValueError(f"{name}: contains a NUL character")
+            os.fsencode(name + value)  # what exec takes: UTF-8, or bytes a shell's environment carried
+    except ValueError as exc:  # UnicodeEncodeError too
+        raise IpcError(f"'{key}': {str(exc)[:200]}") from None
+    return env
 
 
 class Service:
@@ -6226,10 +6532,10 @@ class Service:
         except FileNotFoundError:
             raise OxmgrError(f"nothing to resurrect: {self.home.dump} does not exist; run 'oxmgr save' first") from None
         try:
-            _, records = _parse_state(raw)
-        except (ValueError, StateError) as exc:
+            _, records, skipped = _parse_state(raw)
+        except (ValueError, StateError, RecursionError) as exc:
             raise StateError(f"{self.home.dump} is unreadable ({exc}); save again") from None
-        warnings = []
+        warnings = [f"{self.home.dump}: {why}; left out" for why in skipped]
         to_start = []
         for rec in records:
             app = engine.by_name(rec.name)
@@ -6262,32 +6568,57 @@ class Service:
         if not isinstance(lines, int) or isinstance(lines, bool) or lines < 0:
             raise IpcError("'lines' must be a whole number >= 0")
         streams = msg.get("streams") or ["out", "err"]
-        if not isinstance(streams, list) or not set(streams) <= {"out", "err"}:
+        if not isinstance(streams, list) or not all(s in ("out", "err") for s in streams):
             raise IpcError("'streams' must be a list of 'out' and 'err'")
-        tail = []
-        for app in apps:
-            for stream in streams:
-                for raw in tail_log(app.log_path(stream), lines):
-                    tail.append({"app": app.name, "stream": stream, "line": raw.decode("utf-8", "replace")})
-        if not msg.get("follow"):
-            return {"ok": True, "lines": tail}
-        # Subscribe in the same loop turn as the tail was read: nothing written
-        # in between can be missed or shown twice.
-        ids = None if "all" in targets else {a.rec.id for a in apps}
+        # Every file is opened and sized, and a follower subscribed, in this one
+        # loop turn: nothing written meanwhile is missed or shown twice. The
+        # tail then goes out in frames of LOG_FRAME_LINES ("more": true until
+        # the last), read in steps so other clients are answered meanwhile.
+        scans = [(app.name, stream, tail_scan(app.log_path(stream), lines)) for app in apps for stream in streams]
+        for _, _, scan in scans:
+            next(scan, None)  # opens the files: the snapshot
+        held = None
+        if msg.get("follow"):
+            held = []  # lines written while the tail goes out wait behind it
+            ids = None if "all" in targets else {a.rec.id for a in apps}
 
-        def listener(kind, app, data):
-            if kind != "output" or (ids is not None and app.rec.id not in ids) or data["stream"] not in streams:
-                return
-            pieces = data["data"].split(b"\n")
-            if not pieces[-1]:
-                pieces.pop()  # whole lines: the last newline ends the chunk
-            for piece in pieces:
-                conn.send({"app": app.name, "stream": data["stream"], "line": piece.decode("utf-8", "replace")})
+            def listener(kind, app, data):
+                if kind != "output" or (ids is not None and app.rec.id not in ids) or data["stream"] not in streams:
+                    return
+                pieces = data["data"].split(b"\n")
+                if not pieces[-1]:
+                    pieces.pop()  # whole lines: the last newline ends the chunk
+                for piece in pieces:
+                    line = {"app": app.name, "stream": data["stream"], "line": piece.decode("utf-8", "replace")}
+                    held.append(line) if held is not None else conn.send(line)
 
-        self.engine.listeners.append(listener)
-        conn.on_close.append(lambda: self.engine.listeners.remove(listener))
-        conn.streaming = True
-        return {"ok": True, "lines": tail, "follow": True}
+            self.engine.listeners.append(listener)
+            conn.on_close.append(lambda: self.engine.listeners.remove(listener))
+            conn.streaming = True
+        batch = []
+        for name, stream, scan in scans:
+            segments = await _drive(scan)
+            for chunk in read_segments(segments):
+                batch.extend({"app": name, "stream": stream, "line": raw.decode("utf-8", "replace")} for raw in chunk)
+                if len(batch) >= LOG_FRAME_LINES:
+                    conn.send({"ok": True, "lines": batch, "more": True})
+                    batch = []
+                    try:
+                        await conn.writer.drain()
+                    except OSError:
+                        conn.close()
+                if conn.closed:
+                    for _, _, rest in scans:
+                        rest.close()
+                    return {"ok": False, "error": {"type": "IpcError", "message": "the client went away"}}
+        reply = {"ok": True, "lines": batch, "more": False}
+        if held is None:
+            return reply
+        conn.send(dict(reply, follow=True))
+        for line in held:
+            conn.send(line)
+        held = None
+        return None
 
     async def _handle_flush(self, msg, conn):
         apps = self.engine.resolve(_arg_targets({"targets": msg.get("targets") or ["all"]}))
@@ -6323,8 +6654,9 @@ class Service:
 class _Connection:
     """One client of the control server: replies and streamed messages go out in order."""
 
-    def __init__(self, writer):
+    def __init__(self, writer, trusted):
         self.writer = writer
+        self.trusted = trusted     # a Unix peer of ours, or a TCP peer once it has shown the token
         self.streaming = False     # a follow request owns the connection now
         self.closed = False
         self.on_close = []
@@ -6333,7 +6665,7 @@ class _Connection:
         if self.closed:
             return
         self.writer.write(encode(msg))
-        if self.writer.transport.get_write_buffer_size() > STREAM_HIGH_WATER:
+        if self.streaming and self.writer.transport.get_write_buffer_size() > STREAM_HIGH_WATER:
             self.close(abort=True)  # a follower that does not read its stream is dropped, its backlog too
 
     def close(self, abort=False):
@@ -6367,6 +6699,7 @@ class ControlServer:
         self._sockets = []       # (listening socket, needs_token), bound before asyncio is imported
         self._servers = []
         self.connections = set()
+        self.strangers = 0       # TCP connections yet to show the token
 
     def bind(self):
         """Bind and listen now: clients can connect (and wait) while the daemon finishes booting."""
@@ -6430,17 +6763,28 @@ class ControlServer:
         return True
 
     async def _serve_connection(self, reader, writer, needs_token):
-        conn = _Connection(writer)
+        """Serve one client. A TCP peer is a stranger until a request carries the token: strangers
+        are few (STRANGERS_MAX), brief (STRANGER_DEADLINE_S) and small (MAX_FRAME_BYTES)."""
+        conn = _Connection(writer, trusted=not needs_token)
         if not needs_token and self._refused(writer):
             conn.close()
             return
+        if needs_token and self.strangers >= STRANGERS_MAX:
+            conn.close(abort=True)
+            return
+        self.strangers += not conn.trusted
         self.connections.add(conn)
-        framer = LineBuffer(MAX_FRAME_BYTES)
+        framer = LineBuffer(MAX_REQUEST_BYTES if conn.trusted else MAX_FRAME_BYTES)
+        deadline = asyncio.get_running_loop().time() + STRANGER_DEADLINE_S
         try:
             while not conn.closed:
                 try:
-                    data = await reader.read(READ_CHUNK)
-                except OSError:
+                    if conn.trusted:
+                        data = await reader.read(READ_CHUNK)
+                    else:
+                        data = await asyncio.wait_for(reader.read(READ_CHUNK),
+                                                      deadline - asyncio.get_running_loop().time())
+                except (OSError, asyncio.TimeoutError):
                     break
                 if not data:
                     break
@@ -6457,10 +6801,15 @@ class ControlServer:
                         break  # a follow request owns the connection: what it sent after is ignored
                     if line.strip() and not await self._answer(conn, line, needs_token):
                         return
+                    if conn.trusted and framer.limit < MAX_REQUEST_BYTES:
+                        framer.limit = MAX_REQUEST_BYTES  # it showed the token
+                        self.strangers -= 1
                 if tail and tail_is_new:
                     await self._reply(conn, error_to_wire(IpcError(
-                        f"request exceeds {MAX_FRAME_BYTES} bytes; send one JSON object per line")))
+                        f"request exceeds {framer.limit} bytes; send one JSON object per line")))
         finally:
+            if not conn.trusted:
+                self.strangers -= 1
             self.connections.discard(conn)
             conn.close()
 
@@ -6477,10 +6826,11 @@ class ControlServer:
             msg = decode(line)
             if needs_token:
                 import hmac  # only in TCP mode: it loads OpenSSL's hashes, ~4 MiB
-                if not hmac.compare_digest(str(msg.get("token", "")).encode(), self.token.encode()):
+                if not hmac.compare_digest(str(msg.get("token", "")).encode("utf-8", "replace"), self.token.encode()):
                     await self._reply(conn, error_to_wire(IpcError(
                         "unauthorized: send the token from daemon.token with every TCP request")))
                     return False
+                conn.trusted = True
             reply = await self.service.dispatch(msg, conn)
         except OxmgrError as exc:
             reply = error_to_wire(exc)
@@ -6489,7 +6839,8 @@ class ControlServer:
             self.log("request failed:\n" + traceback.format_exc().rstrip())
             reply = {"ok": False, "error": {"type": "InternalError",
                                             "message": f"internal error: {type(exc).__name__}: {exc}"}}
-        await self._reply(conn, reply)
+        if reply is not None:  # None: the handler has sent its replies itself
+            await self._reply(conn, reply)
         return True
 
 
@@ -6560,6 +6911,18 @@ class Host:
     async def _main(self, main):
         loop = asyncio.get_running_loop()
         self._stopping = loop.create_future()
+        seen = set()
+
+        def loop_error(loop, context):
+            # asyncio reports e.g. accept() out of descriptors (and pauses that listener
+            # a second) each time: the log says each kind of trouble once.
+            exc = context.get("exception")
+            what = f"{context.get('message')}" + (f": {type(exc).__name__}: {exc}" if exc else "")
+            if what not in seen and len(seen) < 100:
+                seen.add(what)
+                self.log(what)
+
+        loop.set_exception_handler(loop_error)
         self.driver.add_signal_handlers(loop, {name: self.request_shutdown for name in self.driver.stop_signals})
         try:
             await main(self)
@@ -6628,18 +6991,29 @@ class Daemon:
         host.tasks.append(engine.background(self._recover(engine, service), "recovery"))
 
     async def _recover(self, engine, service):
-        """Stop what a killed daemon left running, then start what should run."""
-        leftovers = [a for a in engine.apps.values()
-                     if a.rec.pgid and engine.driver.leftover_tree(a.rec.pgid, a.rec.start_ticks)]
+        """Stop what a killed daemon left running, then start what should run.
+
+        Its groups are in the records (each child ran only once recorded); a
+        session leader that carries this home's marker but no record (a state
+        file that could not be saved or read) is stopped too. The records keep
+        naming the old groups until they are gone, so a kill -9 meanwhile
+        loses nothing.
+        """
+        driver = engine.driver
+        stops = {}  # process group -> how to stop it
         for a in engine.apps.values():
-            if a not in leftovers:
-                a.rec.pgid = None  # not ours any more: nothing may ever signal it
-        for a in leftovers:
-            engine.log(f"{a.name}: stopping process group {a.rec.pgid} left by the previous daemon")
-        await asyncio.gather(*[stop_tree(engine, a.rec.pgid, parse_signal(a.spec.stop_signal), a.spec.stop_timeout_s)
-                               for a in leftovers])
+            rec = a.rec
+            for tree, ticks in ([[rec.pgid, rec.start_ticks]] if rec.pgid else []) + rec.other_groups:
+                if driver.leftover_tree(tree, ticks):
+                    engine.log(f"{a.name}: stopping process group {tree} left by the previous daemon")
+                    stops[tree] = (parse_signal(a.spec.stop_signal), a.spec.stop_timeout_s)
+        for tree in driver.marked_strays(engine.home.root, set(stops)):
+            engine.log(f"stopping process group {tree}: it carries this home's marker but no record names it")
+            stops[tree] = (parse_signal(DEFAULT_STOP_SIGNAL), DEFAULT_STOP_TIMEOUT_S)
+        await asyncio.gather(*[stop_tree(engine, tree, *how) for tree, how in stops.items()])
         for a in engine.apps.values():
-            a.rec.pgid = None
+            a.rec.pgid = None  # gone, or never ours: nothing may ever signal it
+            a.rec.other_groups = []
         engine.save_now()
         service.ready.set()
         for error in await engine.start_in_order([a for a in engine.apps.values() if a.rec.desired == "running"]):
@@ -6920,6 +7294,14 @@ def _connect(home, timeout):
     The Unix socket must be served by this user (or root): another user who
     can write to the home must not receive the environment a start sends.
     """
+    for path in (home.root, home.sock):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            break  # no daemon there: connecting says so
+        if not DRIVER.owned_by_us(st):
+            raise IpcError(f"{path!r} belongs to uid {st.st_uid}, not to you; nothing was sent. "
+                           f"Set {ENV_HOME} to a directory of your own")
     addr_text = os.environ.get(ENV_DAEMON_ADDR, "").strip()
     if not DRIVER.unix_sockets or (addr_text and not os.path.exists(home.sock)):
         try:
@@ -7067,7 +7449,9 @@ def ensure_daemon(home):
         return request(home, "ping")
     except DaemonNotRunning:
         pass
-    home.ensure()
+    warning = home.ensure()
+    if warning:
+        print(f"oxmgr: warning: {warning}", file=sys.stderr)  # said once: the home is private from now on
     try:
         if os.path.getsize(home.daemon_log) > DAEMON_LOG_MAX_BYTES:
             os.replace(home.daemon_log, home.daemon_log + ".1")
@@ -7089,7 +7473,7 @@ def ensure_daemon(home):
                         return request(home, "ping")
                     except DaemonNotRunning:
                         pass
-                tail = b" | ".join(tail_lines(home.daemon_log, 3)).decode("utf-8", "replace")
+                tail = b" | ".join(tail_log(home.daemon_log, 3)).decode("utf-8", "replace")
                 raise DaemonNotRunning(
                     f"the daemon did not start; {home.daemon_log} says: {tail or '(nothing)'}") from None
             time.sleep(pause)
@@ -8050,25 +8434,26 @@ def cmd_logs(args):
     streams = ["err"] if args.err else ["out"] if args.out else ["out", "err"]
     colour = _colour_on(sys.stdout)
     single = args.target != "all"
-    params = {"targets": [args.target], "lines": args.lines, "streams": streams}
-    if not args.follow:
-        reply = call(home, "logs", **params)
-        apps = {item["app"] for item in reply["lines"]}
-        prefix = not single or len(apps) > 1
-        for item in reply["lines"]:
-            _print_log_line(item, prefix, colour, args.json)
-        return EXIT_OK
+    params = {"targets": [args.target], "lines": args.lines, "streams": streams, "follow": args.follow}
     try:
         request(home, "ping")
     except DaemonNotRunning:
         ensure_daemon(home)
-    messages = stream(home, "logs", follow=True, **params)
+    messages = stream(home, "logs", **params)
     try:
-        first = next(messages)
-        apps = {item["app"] for item in first["lines"]}
-        prefix = not single or len(apps) > 1
-        for item in first["lines"]:
-            _print_log_line(item, prefix, colour, args.json)
+        prefix = not single
+        while True:  # the tail, in frames
+            frame = next(messages, None)
+            if frame is None:
+                raise IpcError("the daemon closed the connection mid-reply")
+            if not prefix and len({item["app"] for item in frame["lines"]}) > 1:
+                prefix = True
+            for item in frame["lines"]:
+                _print_log_line(item, prefix, colour, args.json)
+            if not frame.get("more"):
+                break
+        if not args.follow:
+            return EXIT_OK
         sys.stdout.flush()
         for item in messages:
             if "line" in item:

@@ -167,11 +167,12 @@ class HomeTestCase(unittest.TestCase):
     """A private OXMGR_HOME and a clean OXMGR_* environment for each test."""
 
     extra_env = {}
+    home_name = "home"
 
     def setUp(self):
         tmp = tempfile.TemporaryDirectory(prefix="oxt")
         self.addCleanup(tmp.cleanup)
-        self.home_dir = os.path.join(tmp.name, "home")
+        self.home_dir = os.path.join(tmp.name, self.home_name)
         env = {k: v for k, v in os.environ.items() if not k.startswith("OXMGR_")}
         env["OXMGR_HOME"] = self.home_dir
         env.update(self.extra_env)
@@ -1339,6 +1340,16 @@ class TestEcosystem(ConfigTestCase):
 
 # Broken configs: (file name, content, fragments that the one message must contain).
 BROKEN_CONFIGS = [
+    # What exec, a file name or the state file cannot carry, and numbers no timer can hold (issue 11).
+    ("nul-env.json", {"apps": [{"name": "a", "script": "x", "env": {"KEY": "a\u0000b"}}]},
+     ["apps[0] 'a': env: KEY:", "contains a NUL character"]),
+    ("nul-arg.json", {"apps": [{"name": "a", "script": "x", "args": ["1\u0000"]}]}, ["'a': command:", "NUL"]),
+    ("surrogate.json", '{"apps": [{"name": "a", "script": "x", "env": {"K": "\\ud800"}}]}',
+     ["'a': env: K:", "not valid text"]),
+    ("huge-duration.toml", "[[apps]]\nname='a'\ncommand='x'\nstop_timeout_secs=1e306",
+     ["'a': stop_timeout_secs: expected a duration", "up to 365d"]),
+    ("huge-size.json", {"apps": [{"name": "a", "script": "x", "max_memory_restart": "1e306G"}]},
+     ["'a': max_memory_restart: expected a size", "up to 1024G"]),
     ("syntax.toml", "version = 1\n[[apps]]\nname = 'a'\ncommand = \n", ["syntax.toml:4:"]),
     ("syntax.json", '{"apps": [{"name": "a",, "script": "x"}]}', ["syntax.json:1:", "invalid JSON"]),
     ("deps.toml", "[[apps]]\nname='a'\ncommand='x'\ndepends_on=['ghost']",
@@ -1352,7 +1363,7 @@ BROKEN_CONFIGS = [
     ("dur.toml", "[[apps]]\nname='a'\ncommand='x'\nrestart_delay_secs='soon'",
      ["app 'a': restart_delay_secs: expected a duration"]),
     ("size.json", {"apps": [{"name": "a", "script": "x", "max_memory_restart": "lots"}]},
-     ["apps[0] 'a': max_memory_restart: expected a size like '200M', got 'lots'"]),
+     ["apps[0] 'a': max_memory_restart: expected a size like '200M', up to 1024G, got 'lots'"]),
     ("sig.toml", "[[apps]]\nname='a'\ncommand='x'\nstop_signal='SIGFOO'", ["stop_signal: unknown signal 'SIGFOO'"]),
     ("cron.toml", "[[apps]]\nname='a'\ncommand='x'\ncron_restart='61 * * * *'",
      ["cron_restart: '61' is outside 0-59 in minute field"]),
@@ -1375,6 +1386,8 @@ BROKEN_CONFIGS = [
     ("max.toml", "[[apps]]\nname='a'\ncommand='x'\nmax_restarts=-1", ["max_restarts: expected a whole number >= 0"]),
     ("listen.toml", "[[apps]]\nname='a'\ncommand='x'\nlisten=['http://x']", ["listen: expected tcp://host:port"]),
     ("badname.toml", "[[apps]]\nname='has space'\ncommand='x'", ["name: 'has space' cannot be a name"]),
+    ("longname.json", {"apps": [{"name": "\U0001F600" * 70, "script": "x"}]},
+     ["name:", "is 280 bytes in UTF-8; a name is at most 200"]),
     ("kind.yaml", "apps: []", ["kind.yaml: unknown config type '.yaml'"]),
     ("dynamic.js", "module.exports = { apps: [{ name: 'a', script: require('path').join('x') }] };",
      ["dynamic.js:1:", "is computed when the file runs", "install node"]),
@@ -1501,6 +1514,70 @@ class TestStateStore(HomeTestCase):
     def test_missing_state_is_empty(self):
         self.assertEqual(oxmgr.load_state(self.home), (0, [], []))
 
+    def test_one_bad_record_costs_only_itself(self):
+        """A record this version refuses (a duration past the cap, written by an older one) is left out, alone."""
+        oxmgr.save_state(self.home, 3, [make_record(0, "a"), make_record(1, "b"), make_record(2, "c")])
+        with open(self.home.state) as f:
+            state = json.load(f)
+        state["processes"][1]["spec"]["stop_timeout_s"] = 1e306
+        with open(self.home.state, "w") as f:
+            json.dump(state, f)
+        _, loaded, warnings = oxmgr.load_state(self.home)
+        self.assertEqual([r.name for r in loaded], ["a", "c"])
+        self.assertTrue(any("stop_timeout_s" in w and "left out" in w for w in warnings), warnings)
+
+    def test_every_fault_of_one_copy_falls_back_to_the_other(self):
+        """Deep nesting, a symlink loop, a directory, a fifo (never hung on): reported, then the other copy."""
+        def deep(path):
+            with open(path, "w") as f:
+                f.write("[" * 5000 + "]" * 5000)
+
+        def loop(path):
+            os.symlink(path, path)
+
+        def directory(path):
+            os.mkdir(path)
+
+        faults = {"nesting": deep, "symlink loop": loop, "directory": directory, "fifo": os.mkfifo}
+        for what, make in faults.items():
+            for broken in ("state", "state_backup"):
+                with self.subTest(fault=what, copy=broken):
+                    for name in os.listdir(self.home_dir):
+                        path = os.path.join(self.home_dir, name)
+                        if name.startswith("state.json"):
+                            os.rmdir(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+                    oxmgr.save_state(self.home, 1, [make_record(0, "kept")])
+                    oxmgr.save_state(self.home, 1, [make_record(0, "kept")])  # the backup holds it too
+                    os.unlink(getattr(self.home, broken))
+                    make(getattr(self.home, broken))
+                    _, loaded, warnings = oxmgr.load_state(self.home)
+                    self.assertEqual([r.name for r in loaded], ["kept"])
+                    if broken == "state":
+                        self.assertTrue(warnings and "state.json" in warnings[0], warnings)
+
+    def test_both_copies_unreadable_starts_empty_and_says_so(self):
+        os.mkdir(self.home.state)
+        os.mkdir(self.home.state_backup)
+        _, loaded, warnings = oxmgr.load_state(self.home)
+        self.assertEqual(loaded, [])
+        self.assertEqual(len(warnings), 3, warnings)
+        self.assertIn("not a regular file", warnings[0])
+        self.assertIn("starting with no apps", warnings[-1])
+
+    @unittest.skipUnless(IS_ROOT, "needs root to own a file as another user")
+    def test_a_state_file_of_another_user_is_not_trusted(self):
+        oxmgr.save_state(self.home, 1, [make_record(0, "planted")])
+        os.chown(self.home.state, 65534, 65534)
+        _, loaded, warnings = oxmgr.load_state(self.home)
+        self.assertEqual(loaded, [])
+        self.assertIn("belongs to uid 65534", warnings[0])
+
+    def test_a_failed_write_leaves_no_temp_file(self):
+        with mock.patch("os.fsync", side_effect=OSError(28, "No space left on device")):
+            with self.assertRaises(OSError):
+                oxmgr.save_state(self.home, 1, [make_record(0, "a")])
+        self.assertEqual([n for n in os.listdir(self.home_dir) if ".tmp" in n], [])
+
 
 
 
@@ -1602,7 +1679,7 @@ class TestRotatingLog(unittest.TestCase):
         for i in range(10):
             log.write(b"row %d\n" % i)
         self.assertEqual(oxmgr.tail_log(self.path, 7), [b"row %d" % i for i in range(3, 10)])
-        self.assertEqual(oxmgr.tail_lines(self.path, 2), [b"row 8", b"row 9"])
+        self.assertEqual(oxmgr.tail_log(self.path, 2), [b"row 8", b"row 9"])
         log.truncate()
         self.assertEqual(os.listdir(self.dir), ["app.out.log"])
         self.assertEqual(os.path.getsize(self.path), 0)
@@ -1673,7 +1750,7 @@ class TestProtocol(unittest.TestCase):
         self.assertEqual(oxmgr.decode(frame), {"op": "list", "x": "é"})
 
     def test_decode_rejects(self):
-        for line in [b"garbage", b"[1, 2]", b"\xff\xfe", b"{" + b" " * oxmgr.MAX_FRAME_BYTES + b"}"]:
+        for line in [b"garbage", b"[1, 2]", b"\xff\xfe", b"{" + b" " * oxmgr.MAX_REQUEST_BYTES + b"}"]:
             with self.subTest(line=line[:20]), self.assertRaises(oxmgr.IpcError):
                 oxmgr.decode(line)
 
@@ -1947,7 +2024,7 @@ class FakeChild:
         err_r, self.err = os.pipe()
         self.stdout = open(out_r, "rb", buffering=0)
         self.stderr = open(err_r, "rb", buffering=0)
-        self.popen = self.start_ticks = None
+        self.popen = self.start_ticks = self.gate = None
         self.signals = []
         self.alive = True
 
@@ -1979,13 +2056,16 @@ class FakeDriver(oxmgr.LinuxDriver):
     def last(self):
         return self.children[-1]
 
-    def spawn(self, argv, cwd, env, listen_fds=()):
+    def spawn(self, argv, cwd, env, listen_fds=(), gated=False):
         if self.fail_next:
             exc, self.fail_next = self.fail_next, None
             raise exc
         child = FakeChild(self, FAKE_PID_BASE + len(self.children), argv, env)
         self.children.append(child)
         return child
+
+    def _receive(self, sock):
+        return sock.recv(4096), None, None  # fake children have no pid to check a sender against
 
     def check_program(self, argv, cwd, env):
         if argv[0].startswith("/no/"):
@@ -2203,7 +2283,7 @@ class TestEngineFake(EngineTestCase):
         child.write(b"last words\nand no newline")
         child.exit(code=2)  # reaped before the loop ever read the pipe
         self.run_until(lambda: "log" in seen, "crashed")
-        self.assertEqual(seen["log"], b"last words\nand no newline")
+        self.assertEqual(seen["log"], b"last words\nand no newline\n")  # the daemon ends the line
 
     def test_policies(self):
         for policy, code, expected in [("never", 1, "crashed"), ("on-failure", 0, "stopped"),
@@ -2224,6 +2304,22 @@ class TestEngineFake(EngineTestCase):
             self.start(app)
         self.assertIn("cannot start 'app': command not found", str(cm.exception))
         self.assertEqual((app.state.status, app.rec.last_exit_code), ("errored", 127))
+
+    def test_any_exception_out_of_a_spawn_errors_that_app_only(self):
+        """One app whose spawn raises something unexpected is errored with the reason; the batch goes on."""
+        first, bad, last = self.add(name="first"), self.add(name="bad"), self.add(name="last")
+        real_spawn = self.driver.spawn
+
+        def spawn(argv, cwd, env, listen_fds=(), gated=False):
+            if env["OXMGR_NAME"] == "bad":
+                raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+            return real_spawn(argv, cwd, env, listen_fds, gated)
+
+        self.driver.spawn = spawn
+        errors = self.run_async(self.engine.start_in_order([first, bad, last]))
+        self.assertEqual([a.state.status for a in (first, bad, last)], ["running", "errored", "running"])
+        self.assertIn("UnicodeEncodeError", bad.rec.status_reason)
+        self.assertEqual(len(errors), 1)
 
     def test_spawn_failure_on_restart_counts_as_unstable(self):
         app = self.add(max_restarts=1)
@@ -3120,6 +3216,157 @@ class TestDaemonLifecycle(DaemonTestCase):
         self.cli_ok("daemon", "stop")
 
 
+def process_state(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except OSError:
+        return None
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "reads /proc")
+class TestKill9(DaemonTestCase):
+    """kill -9 of the daemon at the worst moment: the child it just spawned stops it (SIGSTOP) on its
+    first instruction, and the test kills it then. The state file must already name that child, and
+    the next daemon must leave exactly one copy of every app and nothing else of ours."""
+
+    def stopper(self, name, *flags):
+        """Start an app that stops its parent (the daemon) on start-up while the flag file exists."""
+        self.flag = os.path.join(self.tmp, f"stop-{name}")
+        command = f"if [ -e {self.flag} ]; then rm -f {self.flag}; kill -STOP $PPID; fi; exec sleep 600"
+        return command
+
+    def arm(self, *names):
+        """Create the flag, once the apps named have passed the point where they look for it."""
+        for name in names:
+            self.wait(lambda: cmdline(self.info(name)["pid"]).startswith("sleep"), f"{name} settled")
+        with open(self.flag, "w"):
+            pass
+
+    def ours(self, name):
+        return [p for p in pids_with_env(f"OXMGR_NAME={name}") if self.marker_in(p)]
+
+    def marker_in(self, pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                return self.marker.encode() + b"\0" in f.read() + b"\0"
+        except OSError:
+            return False
+
+    def frozen_state(self, daemon_pid, cli=None):
+        """Wait for the daemon to be stopped by its child; return what state.json says then."""
+        self.wait(lambda: process_state(daemon_pid) == "T", "the daemon stopped by its new child")
+        with open(self.home.state) as f:
+            state = json.load(f)
+        os.kill(daemon_pid, signal.SIGKILL)
+        if self.daemon is not None and self.daemon.pid == daemon_pid:
+            self.daemon.wait()
+        self.wait(lambda: process_state(daemon_pid) in (None, "Z"), "the daemon killed")
+        self.daemon = None
+        if cli is not None:
+            cli.kill()
+            cli.wait()
+        return state
+
+    def recorded(self, state, name):
+        """Every pid state.json charges to the app: its child, and a reload's other groups."""
+        entry = next(p for p in state["processes"] if p["name"] == name)
+        return {entry["pgid"]} | {g[0] for g in entry.get("other_groups", [])} - {None}
+
+    def assert_one_copy_each(self, names, old_pids):
+        self.cli_ok("list")  # a new daemon: recovery
+        for name in names:
+            self.wait(lambda: self.info(name)["status"] == "running" and self.ours(name) == [self.info(name)["pid"]],
+                      f"exactly one {name}: {self.ours(name)}")
+        for pid in old_pids:
+            self.wait(lambda: process_state(pid) in (None, "Z"), f"old pid {pid} gone")
+
+    def cli_async(self, *argv):
+        proc = subprocess.Popen([sys.executable, OXMGR_PY] + list(argv), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
+        return proc
+
+    def test_start(self):
+        command = self.stopper("t4")
+        self.arm()
+        cli = self.cli_async("start", command, "--name", "t4")
+        state = self.frozen_state(self.daemon.pid, cli)
+        live = self.ours("t4")
+        self.assertEqual(len(live), 1)
+        self.assertEqual(self.recorded(state, "t4"), set(live), "state.json names the child before it runs")
+        self.assert_one_copy_each(["t4"], live)
+
+    def test_restart_and_crash_restart(self):
+        command = self.stopper("r")
+        self.cli_ok("start", command, "--name", "r")
+        first = self.wait(lambda: self.info("r")["pid"], "first child")
+        self.arm("r")
+        cli = self.cli_async("restart", "r")
+        state = self.frozen_state(self.daemon.pid, cli)
+        live = self.ours("r")
+        self.assertEqual(self.recorded(state, "r"), set(live))
+        self.assert_one_copy_each(["r"], live + [first])
+        daemon_pid = oxmgr.request(self.home, "ping")["pid"]
+        crashed = self.info("r")["pid"]
+        self.arm("r")
+        os.kill(crashed, signal.SIGKILL)  # a crash: the respawn stops the daemon
+        state = self.frozen_state(daemon_pid)
+        live = self.ours("r")
+        self.assertEqual(self.recorded(state, "r"), set(live))
+        self.assert_one_copy_each(["r"], live + [crashed])
+
+    def test_recovery(self):
+        command = self.stopper("a")
+        self.cli_ok("start", command, "--name", "a")
+        self.cli_ok("start", "sleep 600", "--name", "b")
+        old = [self.info("a")["pid"], self.info("b")["pid"]]
+        self.arm("a", "b")
+        os.unlink(self.flag)
+        self.daemon.kill()
+        self.daemon.wait()
+        self.arm()
+        daemon = self.start_daemon_unchecked()
+        state = self.frozen_state(daemon.pid)
+        live = self.ours("a")
+        self.assertEqual(self.recorded(state, "a"), set(live), "recovery records each child before it runs")
+        self.assert_one_copy_each(["a", "b"], old + live)
+
+    def start_daemon_unchecked(self):
+        log = open(self.home.daemon_log, "ab")
+        self.addCleanup(log.close)
+        self.daemon = subprocess.Popen(oxmgr.daemon_argv(self.home), stdout=log, stderr=log,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        return self.daemon
+
+    def test_reload(self):
+        command = self.stopper("web")
+        self.cli_ok("start", command, "--name", "web", "--min-uptime", "0.2")
+        old = self.info("web")["pid"]
+        self.arm("web")
+        cli = self.cli_async("reload", "web")
+        state = self.frozen_state(self.daemon.pid, cli)
+        live = self.ours("web")
+        self.assertEqual(len(live), 2)  # the old one serves on while its replacement starts
+        self.assertEqual(self.recorded(state, "web"), set(live), "the replacement is recorded too")
+        self.assert_one_copy_each(["web"], live)
+        self.assertNotIn(old, self.ours("web"))
+
+    def test_a_marked_stray_is_stopped(self):
+        """A process of ours that no record names (a state file lost) is stopped by the next daemon."""
+        self.stop_daemon()
+        env = dict(os.environ, OXMGR_ID="7", OXMGR_NAME="stray")
+        stray = subprocess.Popen(["sleep", "600"], env=env, start_new_session=True)
+        self.addCleanup(lambda: stray.poll() is None and (stray.kill(), stray.wait()))
+        unrelated = subprocess.Popen(["sleep", "600"], env=dict(env, OXMGR_HOME=self.tmp), start_new_session=True)
+        self.addCleanup(lambda: (unrelated.kill(), unrelated.wait()))
+        self.start_daemon()
+        self.wait(lambda: stray.poll() is not None, "the stray stopped")
+        self.assertEqual(stray.returncode, -signal.SIGTERM)
+        self.assertIsNone(unrelated.poll(), "another home's process is not ours")
+        self.assertIn("no record names it", read_text(self.home.daemon_log))
+
+
 @POSIX_ONLY
 class TestIpcSecurity(DaemonTestCase):
 
@@ -3151,7 +3398,7 @@ class TestIpcSecurity(DaemonTestCase):
         self.assertEqual(replies[0]["error"]["type"], "IpcError")
         self.assertIn("not JSON", replies[0]["error"]["message"])
         self.assertIn("unknown op 'frobnicate'", replies[2]["error"]["message"])
-        huge = b'{"op": "ping", "pad": "' + b"x" * (oxmgr.MAX_FRAME_BYTES + 10) + b'"}\n{"op": "ping"}\n'
+        huge = b'{"op": "ping", "pad": "' + b"x" * (oxmgr.MAX_REQUEST_BYTES + 10) + b'"}\n{"op": "ping"}\n'
         replies = self.raw(huge)
         self.assertEqual([r["ok"] for r in replies], [False, True])
         self.assertIn("exceeds", replies[0]["error"]["message"])
@@ -3160,6 +3407,62 @@ class TestIpcSecurity(DaemonTestCase):
         replies = self.raw(b'{"op": "logs", "follow": true}\n{"op": "shutdown"}\n')  # after a follow: ignored
         self.assertEqual([r.get("follow") for r in replies], [True])
         self.assertTrue(self.daemon_up())
+
+    def test_fuzzed_frames_each_get_one_error_or_answer(self):
+        """Random frames (random ops, fields of every JSON type, lone surrogates, cut and garbled bytes):
+        each gets one reply naming what is wrong, never an internal error, and the daemon lives on."""
+        import random
+        rng = random.Random(int(os.environ.get("OXMGR_FUZZ_SEED", "11")))
+        rounds = int(os.environ.get("OXMGR_FUZZ_FRAMES", "20000" if SLOW else "1500"))
+        ops = ["ping", "start", "apply", "stop", "restart", "delete", "reload", "scale", "save", "resurrect", "list",
+               "status", "logs", "flush", "signal", "reset", "nope", None, 7, ["list"]]
+        keys = ["apps", "count", "existing", "follow", "keep", "lines", "missing_ok", "name", "prune", "signal",
+                "streams", "targets", "update_env", "env", "specs", "base_env", "token"]
+
+        def value(depth=0):
+            kind = rng.randrange(12 if depth < 3 else 8)
+            return [None, True, 1e308 * 10, -1, 2 ** 70, "\ud800", "x\u0000y", rng.choice(["all", "0", "a", ""]),
+                    lambda: [value(depth + 1) for _ in range(rng.randrange(3))],
+                    lambda: {rng.choice(keys + ["name", "command"]): value(depth + 1) for _ in range(rng.randrange(4))},
+                    lambda: [{"name": "fz", "command": value(depth + 1)}], lambda: ["all", value(depth + 1)]][kind]
+
+        def resolve(v):
+            v = v() if callable(v) else v
+            if isinstance(v, list):
+                return [resolve(x) for x in v]
+            if isinstance(v, dict):
+                return {k: resolve(x) for k, x in v.items()}
+            return v
+
+        pid = self.daemon.pid
+        replies = 0
+        for _ in range(rounds):
+            msg = {"op": rng.choice(ops)}
+            for key in rng.sample(keys, rng.randrange(4)):
+                msg[key] = resolve(value())
+            if msg["op"] == "start" and rng.random() < 0.5:
+                msg["specs"] = [{"name": "fz", "command": "sleep 600"}]
+            frame = json.dumps(msg).encode()
+            cut = rng.random()
+            if cut < 0.1:
+                frame = frame[:rng.randrange(len(frame))]
+            elif cut < 0.2:
+                at = rng.randrange(len(frame))
+                frame = frame[:at] + bytes([rng.randrange(256)]) + frame[at + 1:]
+            frame = frame.replace(b"\n", b" ") + b"\n"
+            if not frame.strip():
+                continue
+            with self.subTest(frame=frame[:200]):
+                got = self.raw(frame)
+                self.assertEqual(len(got), 1)
+                self.assertIn("ok", got[0])
+                if not got[0]["ok"]:
+                    self.assertNotEqual(got[0]["error"]["type"], "InternalError", got[0])
+                replies += 1
+        self.assertTrue(self.daemon_up())
+        self.assertEqual(oxmgr.request(self.home, "ping")["pid"], pid)
+        self.assertNotIn("request failed", read_text(self.home.daemon_log))
+        print(f"\nfuzz: {rounds} frames, {replies} replies, daemon pid {pid} unchanged", file=sys.stderr)
 
     @unittest.skipUnless(IS_ROOT, "needs root to connect as another user")
     def test_peer_uid_check_refuses_other_users(self):
@@ -3508,6 +3811,103 @@ class TestReadiness(DaemonTestCase):
         self.wait_log("api", "db was ready: True")
 
 
+NOTIFY_ON_FILES = """
+    import os, socket, sys, time
+    address = os.environ["NOTIFY_SOCKET"]
+    address = "\\0" + address[1:] if address.startswith("@") else address
+    me, folder = os.getpid(), sys.argv[1]
+    while True:  # the test drops go-<pid> (send READY=1) and status-<pid> (send its text as STATUS=)
+        for name, message in ((f"go-{me}", b"READY=1"), (f"status-{me}", None)):
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    text = f.read()
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                s.sendto(message or b"STATUS=" + text, address)
+                s.close()
+                os.unlink(path)
+        time.sleep(0.01)
+"""
+
+
+@unittest.skipUnless(sys.platform.startswith("linux"), "SO_PASSCRED")
+class TestNotifySenders(DaemonTestCase):
+    """Only the app's own process group is heard on its NOTIFY_SOCKET (issue 11, finding 12)."""
+
+    home_name = "h" * 110  # too long for sun_path: the notify socket is abstract, reachable by anyone
+
+    def drop(self, name, text=b""):
+        path = os.path.join(self.tmp, name)
+        with open(path + ".tmp", "wb") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+        self.wait(lambda: not os.path.exists(path), f"the app took {name}")
+
+    def heard(self, pid, text):
+        """Make the app send STATUS=text and wait until the daemon shows it: all before it was handled."""
+        self.drop(f"status-{pid}", text.encode())
+        self.wait(lambda: self.info("n")["notify_status"] == text, f"STATUS={text}")
+
+    def background_cli(self, *argv):
+        cli = subprocess.Popen([sys.executable, OXMGR_PY] + list(argv), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, universal_newlines=True)
+
+        def end():
+            if cli.poll() is None:
+                cli.kill()
+            cli.communicate()
+        self.addCleanup(end)
+        return cli
+
+    def finished(self, cli):
+        _, err = cli.communicate(timeout=LONG_TIMEOUT)
+        self.assertEqual(cli.returncode, 0, err)
+
+    def starting(self):
+        return self.background_cli("start", python_child(NOTIFY_ON_FILES) + " " + self.tmp, "--name", "n",
+                                   "--wait-ready", "--ready-timeout", "60")
+
+    def test_strangers_cannot_declare_an_app_ready(self):
+        cli = self.starting()
+        pid = self.wait(lambda: oxmgr.request(self.home, "list")["processes"] and self.info("n")["pid"], "spawned")
+        self.wait(lambda: "sleep" in cmdline(pid) or "python" in cmdline(pid), "the app itself")
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            address = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)[b"NOTIFY_SOCKET"].decode()
+        self.assertTrue(address.startswith("@"), address)
+        target = "\0" + address[1:]
+        forge = ("import socket; s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); "
+                 f"s.sendto(b'READY=1\\nSTATUS=forged', {target!r})")
+        if IS_ROOT:  # another user, who can read /proc/net/unix
+            subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-S", "-c",
+                            forge], check=True, timeout=LONG_TIMEOUT)
+        subprocess.run([sys.executable, "-S", "-c", forge], check=True, timeout=LONG_TIMEOUT)  # us, another group
+        self.heard(pid, "from the app")
+        self.assertEqual(self.info("n")["status"], "starting")
+        self.assertIsNone(cli.poll())
+        if IS_ROOT:
+            self.assertIn("ignoring NOTIFY_SOCKET messages from uid 65534", read_text(self.home.daemon_log))
+        self.drop(f"go-{pid}")
+        self.finished(cli)
+        self.assertEqual(self.info("n")["status"], "running")
+
+    def test_the_old_process_cannot_end_its_reload(self):
+        cli = self.starting()
+        old = self.wait(lambda: oxmgr.request(self.home, "list")["processes"] and self.info("n")["pid"], "spawned")
+        self.drop(f"go-{old}")
+        self.finished(cli)
+        reload = self.background_cli("reload", "n")
+        new = self.wait(lambda: next((p for p in pids_with_env("OXMGR_NAME=n") if p != old
+                                      and "python" in cmdline(p)), None), "the replacement")
+        self.drop(f"go-{old}")  # the old process says READY=1 again
+        self.drop(f"status-{new}", b"new one waiting")
+        self.wait(lambda: self.info("n")["notify_status"] == "new one waiting", "the replacement heard")
+        self.assertIsNone(reload.poll(), "the old process's READY=1 must not complete the reload")
+        self.assertEqual(self.info("n")["pid"], old)
+        self.drop(f"go-{new}")
+        self.finished(reload)
+        self.assertEqual(self.info("n")["pid"], new)
+
+
 @POSIX_ONLY
 class TestWatchAndCron(DaemonTestCase):
 
@@ -3707,7 +4107,8 @@ class RuntimeCases:
 
     def test_exit_codes_and_signal_deaths(self):
         for command, expected in [("exit 0", 0), ("exit 3", 3), ("exit 126", 126), ("exit 255", 255),
-                                  ("kill -9 $$", 137), ("kill -SEGV $$", 139)]:
+                                  ("kill -9 $$", 137), ("kill -SEGV $$", 139),
+                                  ("(sleep 600 &); exit 3", 3)]:  # a group member outlives the app: tini's exit
             with self.subTest(command=command):
                 rt = self.run_rt("-q", "--", "sh", "-c", command)
                 code, err = rt.finish()
