@@ -79,8 +79,8 @@ PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 1 << 20            # a request before it is trusted (TCP: until its token); longer ones are refused
 MAX_REQUEST_BYTES = 64 << 20         # a request on a trusted connection (a start of thousands of apps)
 LOG_FRAME_LINES = 2000               # a logs reply goes out in frames of this many lines
-STRANGERS_MAX = 16                   # TCP connections that have not shown the token yet
-STRANGER_DEADLINE_S = 5.0            # ... and how long one may take to show it
+STRANGERS_MAX = 64                   # TCP connections yet to show the token; a newer one evicts the oldest
+STRANGER_DEADLINE_S = 3.0            # ... and how long one may take to show it
 STREAM_HIGH_WATER = 8 << 20          # a follower further behind than this is dropped
 CLIENT_TIMEOUT_S = 15.0              # quick requests (list, status, ping)
 CLIENT_LONG_TIMEOUT_S = 600.0        # requests that wait for processes to stop
@@ -373,6 +373,22 @@ def atomic_write(path, data, backup=None):
             pass  # filesystems without hard links: the rename below is still atomic
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path) or ".")
+
+
+def close_fd(fd):
+    """Close a descriptor, ignoring one that is already closed (or None)."""
+    try:
+        if fd is not None:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _unlink_quiet(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _fsync_dir(path):
@@ -736,22 +752,6 @@ class Child:
         """Tell Popen the process is gone, so it never waits for a pid that may be reused."""
         if self.popen is not None:
             self.popen.returncode = returncode
-
-
-def close_fd(fd):
-    """Close a descriptor, ignoring one that is already closed (or None)."""
-    try:
-        if fd is not None:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _unlink_quiet(path):
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def _which_in(program, path):
@@ -1319,6 +1319,12 @@ class LinuxDriver(PosixDriver):
             if stats is not None:
                 table[stats.pid] = stats
         return table
+
+    def tree_alive(self, tree):
+        # A zombie still answers kill(0): a group of zombies waiting for a slow init
+        # (someone else's to reap: a killed daemon's children) is gone all the same.
+        return super().tree_alive(tree) and any(
+            st.pgid == tree and st.state != "Z" for st in self.process_table().values())
 
     def marked_strays(self, home_root, known):
         # Our apps lead their own session and group, and carry OXMGR_HOME and OXMGR_ID.
@@ -3780,8 +3786,8 @@ class ProcessRecord:
         if not isinstance(values["base_env"] or {}, dict):
             raise StateError(f"process {ident}: base_env must be an environment")
         groups = values["other_groups"] or []
-        if not isinstance(groups, list) or not all(
-                isinstance(g, list) and len(g) == 2 and all(isinstance(n, int) or n is None for n in g) for g in groups):
+        if not isinstance(groups, list) or not all(isinstance(g, list) and len(g) == 2 and all(
+                n is None or isinstance(n, int) and not isinstance(n, bool) for n in g) for g in groups):
             raise StateError(f"process {ident}: other_groups must be a list of [pgid, start_ticks]")
         return cls(spec, **values)
 
@@ -3956,9 +3962,10 @@ class RotatingLog:
     line boundary, so a line never straddles two files.
     """
 
-    def __init__(self, path, policy, clock=time.time):
+    def __init__(self, path, policy, clock=time.time, owned=True):
         self.path = path
         self.policy = policy
+        self.owned = owned            # ours to rotate and flush; any other file is only appended to
         self._clock = clock
         self._fd = None
         self._size = 0
@@ -3994,7 +4001,7 @@ class RotatingLog:
         """
         if self._fd is None:
             self._open()
-        limit = self.policy.max_bytes
+        limit = self.policy.max_bytes if self.owned else 0
         while limit and self._regular and self._size + len(data) > limit:
             room = limit - self._size
             cut = data.rfind(b"\n", 0, max(room, 0)) + 1   # whole lines that still fit
@@ -4029,7 +4036,7 @@ class RotatingLog:
     def should_rotate_by_age(self):
         """True when the current file is older than max_age and not empty."""
         age = self.policy.max_age_s
-        return bool(age and self._fd is not None and self._regular and self._size
+        return bool(age and self.owned and self._fd is not None and self._regular and self._size
                     and self._clock() - self._opened_at >= age)
 
     def rotate(self):
@@ -4083,6 +4090,9 @@ class RotatingLog:
 
     def truncate(self):
         """Empty the current file and delete the rotated ones (flush)."""
+        if not self.owned:
+            raise OxmgrError(f"not flushing {self.path!r}: oxmgr empties only the logs it owns "
+                             f"(in its home, or named *.log)")
         for path in self.rotated_paths():
             _unlink_quiet(path)
         if self._fd is None:
@@ -5498,7 +5508,7 @@ class App:
                 self.state.spawned(self.needs_ready())
             else:
                 self._hold(run)
-            self.engine.commit(run.child)  # in the records now: it may run
+            await self.engine.commit(run.child)  # in the records now: it may run
             if current:
                 if run.exited.done():
                     self._exited(run)  # it exited while its pipes were being connected
@@ -5948,6 +5958,7 @@ class Engine:
         self._timers = {}
         self._save_handle = None
         self._gated = []               # spawned children waiting for the save that records them
+        self._committed = None         # resolves when that save is done
         self._logged_once = set()
         self._background = set()
         self._logs = {}                # path -> [RotatingLog, users]: instances may share a file
@@ -6041,19 +6052,25 @@ class Engine:
         if self.persist and self._save_handle is None:
             self._save_handle = self.loop.call_later(0, self.save_now)
 
-    def commit(self, child):
-        """Let a gated child run once the records naming it are saved (one save per loop turn)."""
+    async def commit(self, child):
+        """Let a gated child run once the records naming it are saved (one save per loop turn).
+
+        Returns after the save, so no reply says "started" about an app the state file lacks.
+        """
         if child.gate is None:
             return
         self._gated.append(child)
         if len(self._gated) == 1:
-            self.loop.call_soon(self._release_gated)
+            self._committed = self.loop.create_future()
+            self.loop.call_soon(self._release_gated, self._committed)
+        await asyncio.shield(self._committed)
 
-    def _release_gated(self):
+    def _release_gated(self, committed):
         gated, self._gated = self._gated, []
         self.save_now()  # a failed save is logged; the apps run anyway, and a new daemon finds them by marker
         for child in gated:
             child.release()
+        committed.set_result(None)
 
     def save_now(self):
         if self._save_handle is not None:
@@ -6091,7 +6108,11 @@ class Engine:
         """Return the RotatingLog of a path, shared by every app that writes there."""
         entry = self._logs.get(path)
         if entry is None:
-            entry = self._logs[path] = [RotatingLog(path, policy), 0]
+            # A -o /etc/passwd (as root) must never be renamed away or emptied.
+            owned = path.endswith(".log") or os.path.dirname(path) == self.home.logs
+            if not owned and not path.startswith("/dev/"):
+                self.log_once(f"{path!r} is not named *.log: appended to, never rotated or flushed")
+            entry = self._logs[path] = [RotatingLog(path, policy, owned=owned), 0]
         entry[1] += 1
         return entry[0]
 
@@ -6622,13 +6643,16 @@ class Service:
 
     async def _handle_flush(self, msg, conn):
         apps = self.engine.resolve(_arg_targets({"targets": msg.get("targets") or ["all"]}))
+        warnings = []
         for app in apps:
             for stream in ("out", "err"):
                 try:
                     app.log(stream).truncate()
+                except OxmgrError as exc:
+                    warnings.append(str(exc))
                 except OSError as exc:
                     raise OxmgrError(f"cannot flush {app.log_path(stream)!r}: {exc}") from None
-        return {"ok": True, "processes": self._listing(apps)}
+        return {"ok": True, "processes": self._listing(apps), "warnings": warnings}
 
     async def _handle_signal(self, msg, conn):
         try:
@@ -6699,7 +6723,7 @@ class ControlServer:
         self._sockets = []       # (listening socket, needs_token), bound before asyncio is imported
         self._servers = []
         self.connections = set()
-        self.strangers = 0       # TCP connections yet to show the token
+        self.strangers = collections.OrderedDict()  # TCP connections yet to show the token, oldest first
 
     def bind(self):
         """Bind and listen now: clients can connect (and wait) while the daemon finishes booting."""
@@ -6764,15 +6788,16 @@ class ControlServer:
 
     async def _serve_connection(self, reader, writer, needs_token):
         """Serve one client. A TCP peer is a stranger until a request carries the token: strangers
-        are few (STRANGERS_MAX), brief (STRANGER_DEADLINE_S) and small (MAX_FRAME_BYTES)."""
+        are few (the oldest of STRANGERS_MAX makes way), brief (STRANGER_DEADLINE_S) and small
+        (MAX_FRAME_BYTES), so idle connections cannot crowd the owner out."""
         conn = _Connection(writer, trusted=not needs_token)
         if not needs_token and self._refused(writer):
             conn.close()
             return
-        if needs_token and self.strangers >= STRANGERS_MAX:
-            conn.close(abort=True)
-            return
-        self.strangers += not conn.trusted
+        if not conn.trusted:
+            if len(self.strangers) >= STRANGERS_MAX:
+                self.strangers.popitem(last=False)[0].close(abort=True)
+            self.strangers[conn] = None
         self.connections.add(conn)
         framer = LineBuffer(MAX_REQUEST_BYTES if conn.trusted else MAX_FRAME_BYTES)
         deadline = asyncio.get_running_loop().time() + STRANGER_DEADLINE_S
@@ -6803,13 +6828,12 @@ class ControlServer:
                         return
                     if conn.trusted and framer.limit < MAX_REQUEST_BYTES:
                         framer.limit = MAX_REQUEST_BYTES  # it showed the token
-                        self.strangers -= 1
+                        self.strangers.pop(conn, None)
                 if tail and tail_is_new:
                     await self._reply(conn, error_to_wire(IpcError(
                         f"request exceeds {framer.limit} bytes; send one JSON object per line")))
         finally:
-            if not conn.trusted:
-                self.strangers -= 1
+            self.strangers.pop(conn, None)
             self.connections.discard(conn)
             conn.close()
 
@@ -7337,7 +7361,10 @@ def _exchange(sock, token, op, args):
     msg.update(args)
     if token:
         msg["token"] = token
-    sock.sendall(encode(msg))
+    try:
+        sock.sendall(encode(msg))
+    except OSError as exc:  # it died between accepting and reading
+        raise IpcError(f"lost the daemon while sending {op!r}: {exc}") from None
     return _LineReader(sock)
 
 
@@ -8470,6 +8497,7 @@ def cmd_logs(args):
 def cmd_flush(args):
     reply = call(Home(), "flush", targets=[args.target])
     _print_done("flushed", reply)
+    _print_warnings(reply.get("warnings", []))
     return EXIT_OK
 
 
