@@ -2149,10 +2149,15 @@ def health_kind(spec):
     return None
 
 
-def child_environment(spec, base_env, app_id):
-    """Return the environment for one spawn of `spec`: base, then app env, then ours."""
+def child_environment(spec, base_env, app_id, home_root):
+    """Return the environment for one spawn of `spec` (or its health command): base, then app env, then ours.
+
+    OXMGR_HOME lets an oxmgr run inside the app find this daemon, and with
+    OXMGR_ID it marks the process as ours for a daemon after a kill -9.
+    """
     env = dict(base_env)
     env.update(spec.env)
+    env[ENV_HOME] = home_root
     env["OXMGR_NAME"] = spec.name
     env["OXMGR_ID"] = str(app_id)
     if spec.instance is not None:
@@ -4902,7 +4907,7 @@ class Health:
         timeout = spec.health_timeout_s
         try:
             if spec.health_cmd:
-                env = child_environment(spec, self.app.rec.base_env, self.app.rec.id)
+                env = child_environment(spec, self.app.rec.base_env, self.app.rec.id, self.app.engine.home.root)
                 code, output = await run_command(self.app.engine, spec.health_cmd, env, spec.cwd, timeout)
                 if code is None:
                     return False, f"health_cmd timed out after {format_duration(timeout)}"
@@ -5446,7 +5451,7 @@ class App:
             argv = resolve_argv(spec)
         except ValueError as exc:
             raise SpawnError(str(exc), EXIT_NOT_FOUND) from None
-        env = child_environment(spec, rec.base_env, rec.id)
+        env = child_environment(spec, rec.base_env, rec.id, self.engine.home.root)
         listen_fds = []
         try:
             if spec.wait_ready:
@@ -5457,7 +5462,6 @@ class App:
                 env["LISTEN_FDNAMES"] = ":".join([spec.base_name or spec.name] * len(listen_fds))
         except OSError as exc:
             raise SpawnError(f"cannot prepare {self.name!r}: {exc.strerror or exc}") from None
-        env[ENV_HOME] = self.engine.home.root  # a nested oxmgr finds this daemon; a new one finds strays
         return await Run.start(self.engine, argv, spec.cwd, env, listen_fds, self._output, self._exited,
                                gated=self.engine.persist)
 
@@ -5617,7 +5621,8 @@ class App:
         spec = self.spec
         try:
             argv = resolve_argv(spec)
-            self.engine.driver.check_program(argv, spec.cwd, child_environment(spec, self.rec.base_env, self.rec.id))
+            env = child_environment(spec, self.rec.base_env, self.rec.id, self.engine.home.root)
+            self.engine.driver.check_program(argv, spec.cwd, env)
         except (SpawnError, ValueError) as exc:
             error = exc if isinstance(exc, SpawnError) else SpawnError(str(exc), EXIT_NOT_FOUND)
             if self.state.status in ALIVE_STATUSES:
