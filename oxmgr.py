@@ -78,7 +78,8 @@ ENV_LOG_MAX_DAYS = "OXMGR_LOG_MAX_DAYS"
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 1 << 20            # a request before it is trusted (TCP: until its token); longer ones are refused
 MAX_REQUEST_BYTES = 64 << 20         # a request on a trusted connection (a start of thousands of apps)
-LOG_FRAME_LINES = 2000               # a logs reply goes out in frames of this many lines
+LOG_FRAME_LINES = 2000               # a logs reply goes out in frames of this many lines at most...
+LOG_FRAME_BYTES = 1 << 20            # ... and about this many bytes
 STRANGERS_MAX = 64                   # TCP connections yet to show the token; a newer one evicts the oldest
 STRANGER_DEADLINE_S = 3.0            # ... and how long one may take to show it
 STREAM_HIGH_WATER = 8 << 20          # a follower further behind than this is dropped
@@ -109,7 +110,7 @@ CONFIG_SUFFIXES = (".toml", ".json", ".json5", ".js", ".cjs", ".mjs")
 DEFAULT_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 STDERR_TAIL_LINES = 20               # last stderr lines kept for crash reports
 
-MAX_NAME_BYTES = 200                 # NAME_MAX is 255 bytes: room for ".out.log.NN" and instance suffixes
+MAX_NAME_BYTES = 240                 # NAME_MAX is 255 bytes: room for ".out.log.NN"
 MAX_DURATION_S = 365 * 86400.0      # longer settings are typos, and timers past this overflow
 MAX_SIZE_BYTES = 1 << 40
 
@@ -916,8 +917,12 @@ class Driver:
         """True when a stat result belongs to this user (or root); where there are no uids, always."""
         return True
 
+    def tcp_listener_uid(self, port):
+        """The uid that owns the socket listening on a local TCP port, where the platform says; else None."""
+        return None
+
     def marked_strays(self, home_root, known):
-        """Process groups led by an app of this home (its environment says so) that are not in `known`."""
+        """Process groups of an app of this home (a member's environment says so) that are not in `known`."""
         return []
 
     def read_stats(self, pid):
@@ -1031,11 +1036,10 @@ class PosixDriver(Driver):
         """
         import subprocess
         kwargs = {}
-        stdin = subprocess.DEVNULL
+        gated = gated and os.path.exists(self.shell[0])  # an image without a shell runs its apps ungated
         if gated:
             self.check_program(argv, cwd, env)  # exec errors would otherwise surface as an exit of the shell
             argv = [self.shell[0], "-c", 'read -r _ || exit 125; exec "$@" </dev/null', argv[0]] + list(argv)
-            stdin, gate = os.pipe()
         if listen_fds:
             # The environment is installed by the preexec hook, so look the program up on the app's PATH here.
             program = argv[0] if os.sep in argv[0] else (_which_in(argv[0], env.get("PATH")) or argv[0])
@@ -1043,23 +1047,26 @@ class PosixDriver(Driver):
             kwargs.update(preexec_fn=_pass_listen_fds(list(listen_fds), env),
                           pass_fds=tuple(range(3, 3 + len(listen_fds))))
             env = None
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        out_r = out_w = err_r = err_w = gate_r = gate = None
         try:
-            popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=out_w, stderr=err_w,
-                                     close_fds=True, start_new_session=True, **kwargs)
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            if gated:
+                gate_r, gate = os.pipe()
+            popen = subprocess.Popen(argv, cwd=cwd, env=env, stdin=gate_r if gated else subprocess.DEVNULL,
+                                     stdout=out_w, stderr=err_w, close_fds=True, start_new_session=True, **kwargs)
         except (OSError, ValueError) as exc:
-            for fd in (out_r, err_r) + ((gate,) if gated else ()):
+            for fd in (out_r, err_r, gate):
                 close_fd(fd)
             if isinstance(exc, ValueError):  # an embedded NUL in argv, env or cwd
                 raise SpawnError(f"cannot start {argv[0]!r}: {exc}", EXIT_NOT_EXECUTABLE) from None
             raise _spawn_error(exc, argv, cwd) from None
         finally:
-            for fd in (out_w, err_w) + ((stdin,) if gated else ()):
-                close_fd(fd)
+            for fd in (out_w, err_w, gate_r):
+                close_fd(fd)  # the child's ends
         stats = self.read_stats(popen.pid)
         return Child(popen.pid, open(out_r, "rb", buffering=0), open(err_r, "rb", buffering=0), popen,
-                     stats.start_ticks if stats else None, gate if gated else None)
+                     stats.start_ticks if stats else None, gate)
 
     def spawn_detached(self, argv, log_path, env=None):
         """Start a background process in a new session, stdio to `log_path`."""
@@ -1214,7 +1221,7 @@ class PosixDriver(Driver):
     def read_notify(self, sock):
         """Return the datagrams waiting on a notify socket as [(data, sender pid, sender uid)]."""
         out = []
-        while True:
+        while len(out) < 64:  # a flood (anyone can reach an abstract socket) never holds the loop
             try:
                 data, pid, uid = self._receive(sock)
             except (BlockingIOError, InterruptedError):
@@ -1222,6 +1229,7 @@ class PosixDriver(Driver):
             except OSError:
                 return out
             out.append((data, pid, uid))
+        return out
 
     def _receive(self, sock):
         return sock.recv(4096), None, None  # the socket sits in the private home: only we reach it
@@ -1320,18 +1328,37 @@ class LinuxDriver(PosixDriver):
                 table[stats.pid] = stats
         return table
 
+    def tcp_listener_uid(self, port):
+        want = f":{port:04X}"
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(table) as f:
+                    rows = f.read().splitlines()[1:]
+            except OSError:
+                continue
+            for row in rows:
+                fields = row.split()  # sl local rem st queues timer retransmits uid ...
+                if len(fields) > 7 and fields[3] == "0A" and fields[1].endswith(want):
+                    return int(fields[7])
+        return None
+
     def tree_alive(self, tree):
         # A zombie still answers kill(0): a group of zombies waiting for a slow init
         # (someone else's to reap: a killed daemon's children) is gone all the same.
-        return super().tree_alive(tree) and any(
-            st.pgid == tree and st.state != "Z" for st in self.process_table().values())
+        if not super().tree_alive(tree):
+            return False
+        leader = self.read_stats(tree)
+        if leader is not None and leader.state != "Z" and leader.pgid == tree:
+            return True  # the usual case, without a look at every process
+        return any(st.pgid == tree and st.state != "Z" for st in self.process_table().values())
 
     def marked_strays(self, home_root, known):
-        # Our apps lead their own session and group, and carry OXMGR_HOME and OXMGR_ID.
+        # Our apps lead their own session and group (both outlive the leader), and carry OXMGR_HOME and OXMGR_ID.
         marker = b"\0" + os.fsencode(f"{ENV_HOME}={home_root}") + b"\0"
         found = []
         for st in self.process_table().values():
-            if st.pid == st.pgid == st.sid and st.pid not in known and st.pid != os.getpid() and st.state != "Z":
+            if (st.pgid == st.sid and st.pgid not in known and st.pgid not in found and st.pid != os.getpid()
+                    and st.pgid != os.getpgrp() and st.state != "Z"):
                 try:
                     if os.stat(f"/proc/{st.pid}").st_uid != os.getuid():
                         continue
@@ -1340,7 +1367,7 @@ class LinuxDriver(PosixDriver):
                 except OSError:
                     continue
                 if marker in env and b"\0OXMGR_ID=" in env:
-                    found.append(st.pid)
+                    found.append(st.pgid)
         return found
 
     def read_stats(self, pid):
@@ -3838,8 +3865,10 @@ def _parse_state(raw):
     for item in data["processes"]:
         try:
             records.append(ProcessRecord.from_dict(item))
-        except StateError as exc:  # one bad entry never costs the others
-            skipped.append(str(exc))
+        except StateError as exc:  # one bad entry never costs the others; its processes are stopped
+            groups = [[item.get("pgid"), item.get("start_ticks")]] + list(item.get("other_groups") or [])
+            skipped.append((str(exc), [g for g in groups if isinstance(g, list) and len(g) == 2
+                                       and isinstance(g[0], int) and g[0] > 1]))
     for rec in records:
         rec.base_env = shared.setdefault(to_json(rec.base_env or {}, sort_keys=True), rec.base_env)
     ids = [r.id for r in records]
@@ -3888,8 +3917,11 @@ def read_own_file(path, limit=64 << 20):
         os.close(fd)
 
 
-def load_state(home):
+def load_state(home, leftovers=None):
     """Return (next_id, records, warnings) from state.json, recovering if needed.
+
+    `leftovers` (a list) receives the [pgid, start_ticks] of entries left out,
+    so their processes can be stopped rather than orphaned.
 
     A copy that cannot be read or parsed is reported (and a corrupt one moved
     to state.json.corrupt-<time>), then the last good copy (state.json.bak) is
@@ -3913,7 +3945,10 @@ def load_state(home):
                 aside = path
             warnings.append(f"state file {path!r} is unreadable ({str(exc)[:200]}); moved to {aside!r}")
             continue
-        warnings.extend(f"state file {path!r}: {why}; that app is left out" for why in skipped)
+        for why, groups in skipped:
+            warnings.append(f"state file {path!r}: {why}; that app is left out (add it again)")
+            if leftovers is not None:
+                leftovers.extend(groups)
         if path == home.state_backup:
             warnings.append(f"using the last good copy {path!r}")
         return next_id, records, warnings
@@ -4228,12 +4263,17 @@ def tail_scan(path, n):
     """
     files = []
     for i in range(1 << 16):
+        name = path if i == 0 else f"{path}.{i}"
         try:
-            f = open(path if i == 0 else f"{path}.{i}", "rb")
-        except OSError:
+            f = open(name, "rb")
+        except FileNotFoundError:
             if i == 0:
                 continue  # no current file (yet): older ones may still have lines
             break
+        except OSError as exc:  # out of descriptors, a directory...: said, not a silently short tail
+            for f, _ in files:
+                f.close()
+            raise OxmgrError(f"cannot read {name!r}: {exc.strerror or exc}") from None
         files.append((f, os.fstat(f.fileno()).st_size))
     segments = []
     try:
@@ -4265,6 +4305,9 @@ def read_segments(segments, chunk=1 << 18):
                 left -= len(data)
                 lines = (carry + data).split(b"\n")
                 carry = lines.pop()
+                if len(carry) > MAX_LINE_BYTES:  # a line with no end in sight goes in pieces, as it was written
+                    lines.append(carry)
+                    carry = b""
                 yield [line[:-1] if line.endswith(b"\r") else line for line in lines]
             if carry:
                 yield [carry[:-1] if carry.endswith(b"\r") else carry]
@@ -6072,10 +6115,12 @@ class Engine:
 
     def _release_gated(self, committed):
         gated, self._gated = self._gated, []
-        self.save_now()  # a failed save is logged; the apps run anyway, and a new daemon finds them by marker
-        for child in gated:
-            child.release()
-        committed.set_result(None)
+        try:
+            self.save_now()  # a failed save is logged; the apps run anyway, and a new daemon finds them by marker
+        finally:
+            for child in gated:
+                child.release()
+            committed.set_result(None)
 
     def save_now(self):
         if self._save_handle is not None:
@@ -6205,6 +6250,7 @@ class Engine:
             self._save_handle.cancel()
         for child in self._gated:
             close_fd(child.gate)  # never recorded: they exit
+            child.gate = None
         for app in self.apps.values():
             app.detach()
             app.close_notify()
@@ -6561,7 +6607,7 @@ class Service:
             _, records, skipped = _parse_state(raw)
         except (ValueError, StateError, RecursionError) as exc:
             raise StateError(f"{self.home.dump} is unreadable ({exc}); save again") from None
-        warnings = [f"{self.home.dump}: {why}; left out" for why in skipped]
+        warnings = [f"{self.home.dump}: {why}; left out" for why, _ in skipped]
         to_start = []
         for rec in records:
             app = engine.by_name(rec.name)
@@ -6598,14 +6644,15 @@ class Service:
             raise IpcError("'streams' must be a list of 'out' and 'err'")
         # Every file is opened and sized, and a follower subscribed, in this one
         # loop turn: nothing written meanwhile is missed or shown twice. The
-        # tail then goes out in frames of LOG_FRAME_LINES ("more": true until
-        # the last), read in steps so other clients are answered meanwhile.
+        # tail then goes out in frames of at most LOG_FRAME_LINES lines or
+        # LOG_FRAME_BYTES ("more": true until the last), read in steps so other
+        # clients are answered meanwhile; a follower's live lines wait behind it.
         scans = [(app.name, stream, tail_scan(app.log_path(stream), lines)) for app in apps for stream in streams]
         for _, _, scan in scans:
             next(scan, None)  # opens the files: the snapshot
         held = None
         if msg.get("follow"):
-            held = []  # lines written while the tail goes out wait behind it
+            held = []
             ids = None if "all" in targets else {a.rec.id for a in apps}
 
             def listener(kind, app, data):
@@ -6616,31 +6663,39 @@ class Service:
                     pieces.pop()  # whole lines: the last newline ends the chunk
                 for piece in pieces:
                     line = {"app": app.name, "stream": data["stream"], "line": piece.decode("utf-8", "replace")}
-                    held.append(line) if held is not None else conn.send(line)
+                    if held is None:
+                        conn.send(line)
+                    elif len(held) < STREAM_HIGH_WATER // 64:
+                        held.append(line)
+                    else:
+                        conn.close(abort=True)  # a follower this far behind is dropped
 
             self.engine.listeners.append(listener)
             conn.on_close.append(lambda: self.engine.listeners.remove(listener))
-            conn.streaming = True
-        batch = []
-        for name, stream, scan in scans:
-            segments = await _drive(scan)
-            for chunk in read_segments(segments):
-                batch.extend({"app": name, "stream": stream, "line": raw.decode("utf-8", "replace")} for raw in chunk)
-                if len(batch) >= LOG_FRAME_LINES:
-                    conn.send({"ok": True, "lines": batch, "more": True})
-                    batch = []
-                    try:
-                        await conn.writer.drain()
-                    except OSError:
-                        conn.close()
-                if conn.closed:
-                    for _, _, rest in scans:
-                        rest.close()
-                    return {"ok": False, "error": {"type": "IpcError", "message": "the client went away"}}
+        batch, size = [], 0
+        try:
+            for name, stream, scan in scans:
+                for chunk in read_segments(await _drive(scan)):
+                    for raw in chunk:
+                        batch.append({"app": name, "stream": stream, "line": raw.decode("utf-8", "replace")})
+                        size += len(raw) + 40
+                        if len(batch) >= LOG_FRAME_LINES or size >= LOG_FRAME_BYTES:
+                            conn.send({"ok": True, "lines": batch, "more": True})
+                            batch, size = [], 0
+                            await conn.writer.drain()
+                    if conn.closed:
+                        return None
+        except OSError:
+            conn.close()  # the client went away
+            return None
+        finally:
+            for _, _, scan in scans:
+                scan.close()
         reply = {"ok": True, "lines": batch, "more": False}
         if held is None:
             return reply
         conn.send(dict(reply, follow=True))
+        conn.streaming = True
         for line in held:
             conn.send(line)
         held = None
@@ -6831,9 +6886,8 @@ class ControlServer:
                         break  # a follow request owns the connection: what it sent after is ignored
                     if line.strip() and not await self._answer(conn, line, needs_token):
                         return
-                    if conn.trusted and framer.limit < MAX_REQUEST_BYTES:
+                    if conn.trusted:
                         framer.limit = MAX_REQUEST_BYTES  # it showed the token
-                        self.strangers.pop(conn, None)
                 if tail and tail_is_new:
                     await self._reply(conn, error_to_wire(IpcError(
                         f"request exceeds {framer.limit} bytes; send one JSON object per line")))
@@ -6860,6 +6914,7 @@ class ControlServer:
                         "unauthorized: send the token from daemon.token with every TCP request")))
                     return False
                 conn.trusted = True
+                self.strangers.pop(conn, None)  # no longer one a newcomer can evict
             reply = await self.service.dispatch(msg, conn)
         except OxmgrError as exc:
             reply = error_to_wire(exc)
@@ -6946,10 +7001,10 @@ class Host:
             # asyncio reports e.g. accept() out of descriptors (and pauses that listener
             # a second) each time: the log says each kind of trouble once.
             exc = context.get("exception")
-            what = f"{context.get('message')}" + (f": {type(exc).__name__}: {exc}" if exc else "")
-            if what not in seen and len(seen) < 100:
-                seen.add(what)
-                self.log(what)
+            kind = (context.get("message"), type(exc).__name__)
+            if kind not in seen:
+                seen.add(kind)
+                self.log(f"{kind[0]}" + (f": {type(exc).__name__}: {exc}" if exc else ""))
 
         loop.set_exception_handler(loop_error)
         self.driver.add_signal_handlers(loop, {name: self.request_shutdown for name in self.driver.stop_signals})
@@ -7009,24 +7064,28 @@ class Daemon:
         await host.open(engine, service)
         host.driver.raise_fd_limit()  # after the socket: start-up is counted until it accepts
         host.driver.add_signal_handlers(loop, {"SIGHUP": self._reopen_log})
+        crashed = _read_pid(home.pid_file) is not None  # a clean stop removes it: the last daemon was killed
         atomic_write(home.pid_file, f"{os.getpid()}\n".encode())
-        next_id, records, warnings = load_state(home)
+        orphans = []  # the groups of entries this version cannot load
+        next_id, records, warnings = load_state(home, orphans)
         for w in warnings:
             host.log(w)
         engine.load(next_id, records)
         host.log(f"daemon {__version__} started (pid {os.getpid()}, {len(records)} apps, home {home.root})")
         host.driver.sd_notify(f"READY=1\nSTATUS=supervising {len(records)} apps\nMAINPID={os.getpid()}")
         engine.start_timers()
-        host.tasks.append(engine.background(self._recover(engine, service), "recovery"))
+        host.tasks.append(engine.background(self._recover(engine, service, crashed, orphans), "recovery"))
 
-    async def _recover(self, engine, service):
+    async def _recover(self, engine, service, crashed, orphans=()):
         """Stop what a killed daemon left running, then start what should run.
 
         Its groups are in the records (each child ran only once recorded); a
         session leader that carries this home's marker but no record (a state
         file that could not be saved or read) is stopped too. The records keep
         naming the old groups until they are gone, so a kill -9 meanwhile
-        loses nothing.
+        loses nothing. The marker sweep runs only when the last daemon did not
+        stop cleanly: after a clean stop, what an app detached on purpose
+        (setsid) is left alone.
         """
         driver = engine.driver
         stops = {}  # process group -> how to stop it
@@ -7036,7 +7095,11 @@ class Daemon:
                 if driver.leftover_tree(tree, ticks):
                     engine.log(f"{a.name}: stopping process group {tree} left by the previous daemon")
                     stops[tree] = (parse_signal(a.spec.stop_signal), a.spec.stop_timeout_s)
-        for tree in driver.marked_strays(engine.home.root, set(stops)):
+        for tree, ticks in orphans:
+            if driver.leftover_tree(tree, ticks):
+                engine.log(f"stopping process group {tree}: its app could not be loaded")
+                stops[tree] = (parse_signal(DEFAULT_STOP_SIGNAL), DEFAULT_STOP_TIMEOUT_S)
+        for tree in driver.marked_strays(engine.home.root, set(stops)) if crashed else ():
             engine.log(f"stopping process group {tree}: it carries this home's marker but no record names it")
             stops[tree] = (parse_signal(DEFAULT_STOP_SIGNAL), DEFAULT_STOP_TIMEOUT_S)
         await asyncio.gather(*[stop_tree(engine, tree, *how) for tree, how in stops.items()])
@@ -7341,9 +7404,15 @@ def _connect(home, timeout):
         except (OSError, ValueError):
             raise DaemonNotRunning(f"daemon not running (no address file in {home.root!r})") from None
         try:
-            return socket.create_connection((host, port), timeout=timeout), token
+            sock = socket.create_connection((host, port), timeout=timeout)
         except OSError:
             raise DaemonNotRunning(f"daemon not running at {host}:{port}") from None
+        uid = DRIVER.tcp_listener_uid(port)  # a stale daemon.addr: another user may have taken the port
+        if uid is not None and not DRIVER.trusted_uid(uid):
+            sock.close()
+            raise IpcError(f"{host}:{port} is served by uid {uid}, not by you; nothing was sent (the daemon "
+                           f"that wrote {home.addr!r} is gone)")
+        return sock, token
     try:
         sock = DRIVER.connect_unix(home.sock, timeout)
     except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError):
@@ -8478,6 +8547,8 @@ def cmd_logs(args):
             frame = next(messages, None)
             if frame is None:
                 raise IpcError("the daemon closed the connection mid-reply")
+            if frame.get("ok") is False:
+                raise error_from_wire(frame)
             if not prefix and len({item["app"] for item in frame["lines"]}) > 1:
                 prefix = True
             for item in frame["lines"]:

@@ -1390,7 +1390,7 @@ BROKEN_CONFIGS = [
     ("listen.toml", "[[apps]]\nname='a'\ncommand='x'\nlisten=['http://x']", ["listen: expected tcp://host:port"]),
     ("badname.toml", "[[apps]]\nname='has space'\ncommand='x'", ["name: 'has space' cannot be a name"]),
     ("longname.json", {"apps": [{"name": "\U0001F600" * 70, "script": "x"}]},
-     ["name:", "is 280 bytes in UTF-8; a name is at most 200"]),
+     ["name:", "is 280 bytes in UTF-8; a name is at most 240"]),
     ("kind.yaml", "apps: []", ["kind.yaml: unknown config type '.yaml'"]),
     ("dynamic.js", "module.exports = { apps: [{ name: 'a', script: require('path').join('x') }] };",
      ["dynamic.js:1:", "is computed when the file runs", "install node"]),
@@ -1528,6 +1528,19 @@ class TestStateStore(HomeTestCase):
         _, loaded, warnings = oxmgr.load_state(self.home)
         self.assertEqual([r.name for r in loaded], ["a", "c"])
         self.assertTrue(any("stop_timeout_s" in w and "left out" in w for w in warnings), warnings)
+
+    def test_the_processes_of_a_left_out_entry_are_reported_for_stopping(self):
+        rec = make_record(1, "b", pgid=4242, start_ticks=99, other_groups=[[4343, 7]])
+        oxmgr.save_state(self.home, 2, [make_record(0, "a"), rec])
+        with open(self.home.state) as f:
+            state = json.load(f)
+        state["processes"][1]["spec"]["restart_delay_s"] = "soon"
+        with open(self.home.state, "w") as f:
+            json.dump(state, f)
+        leftovers = []
+        _, loaded, _ = oxmgr.load_state(self.home, leftovers)
+        self.assertEqual([r.name for r in loaded], ["a"])
+        self.assertEqual(leftovers, [[4242, 99], [4343, 7]])
 
     def test_every_fault_of_one_copy_falls_back_to_the_other(self):
         """Deep nesting, a symlink loop, a directory, a fifo (never hung on): reported, then the other copy."""
@@ -3447,19 +3460,32 @@ class TestKill9(DaemonTestCase):
             return None
         return processes
 
-    def test_a_marked_stray_is_stopped(self):
-        """A process of ours that no record names (a state file lost) is stopped by the next daemon."""
-        self.stop_daemon()
+    def marked_process(self):
         env = dict(os.environ, OXMGR_ID="7", OXMGR_NAME="stray")
-        stray = subprocess.Popen(["sleep", "600"], env=env, start_new_session=True)
-        self.addCleanup(lambda: stray.poll() is None and (stray.kill(), stray.wait()))
-        unrelated = subprocess.Popen(["sleep", "600"], env=dict(env, OXMGR_HOME=self.tmp), start_new_session=True)
+        proc = subprocess.Popen(["sh", "-c", "sleep 600 & wait"], env=env, start_new_session=True)
+        self.addCleanup(lambda: proc.poll() is None and (os.killpg(proc.pid, signal.SIGKILL), proc.wait()))
+        return proc
+
+    def test_a_marked_stray_is_stopped_after_a_kill_9(self):
+        """A group of ours that no record names (a state file lost) is stopped by the next daemon."""
+        self.daemon.kill()
+        self.daemon.wait()
+        stray = self.marked_process()
+        unrelated = subprocess.Popen(["sleep", "600"], env=dict(os.environ, OXMGR_ID="7", OXMGR_HOME=self.tmp),
+                                     start_new_session=True)
         self.addCleanup(lambda: (unrelated.kill(), unrelated.wait()))
         self.start_daemon()
-        self.wait(lambda: stray.poll() is not None, "the stray stopped")
-        self.assertEqual(stray.returncode, -signal.SIGTERM)
+        self.wait(lambda: stray.poll() is not None and not group_members(stray.pid), "the stray's group stopped")
         self.assertIsNone(unrelated.poll(), "another home's process is not ours")
         self.assertIn("no record names it", read_text(self.home.daemon_log))
+
+    def test_after_a_clean_stop_what_an_app_detached_is_left_alone(self):
+        self.stop_daemon()
+        detached = self.marked_process()
+        self.start_daemon()
+        oxmgr.request(self.home, "list")  # recovery is done
+        self.assertIsNone(detached.poll())
+        self.assertNotIn("no record names it", read_text(self.home.daemon_log))
 
 
 class TestCarelessUse(DaemonTestCase):
@@ -3786,6 +3812,43 @@ class TestTcpMode(DaemonTestCase):
                 pass
         self.assertTrue(self.daemon_up())
         self.assertNotIn("Too many open files", read_text(self.home.daemon_log))
+
+    @unittest.skipUnless(IS_ROOT and sys.platform.startswith("linux"), "needs root to act as another user")
+    def test_a_port_taken_by_another_user_gets_no_token(self):
+        """After a kill -9 daemon.addr is stale; another user who binds that port receives nothing."""
+        with open(os.path.join(self.home_dir, "daemon.addr")) as f:
+            host, port = oxmgr.split_host_port(f.read())
+        self.daemon.kill()
+        self.daemon.wait()
+        os.unlink(self.home.sock)
+        received = os.path.join(self.tmp, "received")
+        with open(received, "wb"):
+            pass
+        os.chmod(received, 0o666)
+        os.chmod(self.tmp, 0o755)
+        spy = subprocess.Popen([sys.executable, "-S", "-c", textwrap.dedent(f"""
+            import os, socket
+            os.setgroups([]); os.setgid(65534); os.setuid(65534)
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(({host!r}, {port})); s.listen()
+            print("listening", flush=True)
+            c, _ = s.accept(); c.settimeout(5)
+            try:
+                data = c.recv(65536)
+            except OSError:
+                data = b""
+            open({received!r}, "wb").write(data)
+        """)], stdout=subprocess.PIPE)
+        self.addCleanup(lambda: (spy.kill(), spy.wait(), spy.stdout.close()))
+        self.assertEqual(spy.stdout.readline().strip(), b"listening")
+        self.daemon = None
+        code, _, err = self.cli("start", "sleep 600", "--name", "secret", "--env", "API_KEY=hunter2")
+        self.assertEqual(code, 1, err)
+        self.assertIn("is served by uid 65534, not by you; nothing was sent", err)
+        spy.kill()
+        spy.wait()
+        self.assertEqual(read_text(received), "")
 
     def test_non_loopback_refused(self):
         os.environ["OXMGR_DAEMON_ADDR"] = "0.0.0.0:0"
