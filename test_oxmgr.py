@@ -3693,6 +3693,27 @@ class TestIpcSecurity(DaemonTestCase):
         self.assertEqual([r.get("follow") for r in replies], [True])
         self.assertTrue(self.daemon_up())
 
+    def test_out_of_descriptors_pauses_accepting_and_is_logged_once(self):
+        import resource
+        self.stop_daemon()
+        log = open(self.home.daemon_log, "ab")
+        self.addCleanup(log.close)
+        self.daemon = subprocess.Popen(oxmgr.daemon_argv(self.home), stdout=log, stderr=log,
+                                       stdin=subprocess.DEVNULL, start_new_session=True,
+                                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+        self.wait(self.daemon_up, "daemon with 64 descriptors")
+        for _ in range(2):  # two floods: two pauses, one line in the log
+            flood = []
+            for _ in range(100):
+                conn = socket.socket(socket.AF_UNIX)
+                conn.connect(self.home.sock)
+                flood.append(conn)
+            self.wait(lambda: "out of system resource" in read_text(self.home.daemon_log), "the daemon ran out")
+            for conn in flood:
+                conn.close()
+            self.wait(self.daemon_up, "accepting again")
+        self.assertEqual(read_text(self.home.daemon_log).count("out of system resource"), 1)
+
     def test_fuzzed_frames_each_get_one_error_or_answer(self):
         """Random frames (random ops, fields of every JSON type, lone surrogates, cut and garbled bytes):
         each gets one reply naming what is wrong, never an internal error, and the daemon lives on."""
