@@ -3866,7 +3866,9 @@ def _parse_state(raw):
         try:
             records.append(ProcessRecord.from_dict(item))
         except StateError as exc:  # one bad entry never costs the others; its processes are stopped
-            groups = [[item.get("pgid"), item.get("start_ticks")]] + list(item.get("other_groups") or [])
+            item = item if isinstance(item, dict) else {}
+            others = item.get("other_groups")
+            groups = [[item.get("pgid"), item.get("start_ticks")]] + (others if isinstance(others, list) else [])
             skipped.append((str(exc), [g for g in groups if isinstance(g, list) and len(g) == 2
                                        and isinstance(g[0], int) and g[0] > 1]))
     for rec in records:

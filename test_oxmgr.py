@@ -1506,6 +1506,7 @@ class TestStateStore(HomeTestCase):
 
     def test_invalid_records_count_as_corrupt(self):
         for bad in ['{"processes": [{"id": "x"}]}', '[]', '{"processes": [{"id": 0, "spec": {}}]}',
+                    '{"processes": [1, "x", null, {"id": 1, "other_groups": 5}]}',
                     '{"processes": [{"id": 0, "status": "weird", "spec": {"name": "a", "command": "b"}}]}']:
             with self.subTest(bad=bad):
                 with open(self.home.state, "w") as f:
