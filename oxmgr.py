@@ -340,11 +340,13 @@ def exit_code_number(code, signum):
     return code if code is not None else 0
 
 
-def atomic_write(path, data, backup=None):
+def atomic_write(path, data, backup=None, sync=True):
     """Write bytes to `path` so a reader sees the old file or the new, never half.
 
     Writes a temp file, fsyncs it and renames it over `path`. With `backup`,
     the previous file is first hard-linked there, so a good copy always exists.
+    sync=False leaves the fsyncs to a later sync_file(): the rename alone
+    survives our own death, only a power loss needs them.
     """
     tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
@@ -353,7 +355,8 @@ def atomic_write(path, data, backup=None):
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
     except BaseException:
@@ -373,6 +376,17 @@ def atomic_write(path, data, backup=None):
         except OSError:
             pass  # filesystems without hard links: the rename below is still atomic
     os.replace(tmp, path)
+    if sync:
+        _fsync_dir(os.path.dirname(path) or ".")
+
+
+def sync_file(path):
+    """fsync a file and its directory (after an atomic_write with sync=False)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     _fsync_dir(os.path.dirname(path) or ".")
 
 
@@ -3702,6 +3716,9 @@ class Home:
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         warning = DRIVER.secure_home(self.root)
         os.makedirs(self.logs, mode=0o700, exist_ok=True)
+        st = os.lstat(self.logs)  # planted while the home was open, it could point our appends anywhere
+        if not DRIVER.owned_by_us(st) or os.path.islink(self.logs):
+            raise OxmgrError(f"{self.logs!r} is not a directory of yours (uid {st.st_uid}); remove it")
         return warning
 
     def log_path(self, name, stream):
@@ -3824,7 +3841,7 @@ class ProcessRecord:
         return cls(spec, **values)
 
 
-def save_state(home, next_id, records):
+def save_state(home, next_id, records, sync=True):
     """Persist the process set atomically, keeping the previous good copy.
 
     It runs after every lifecycle change. Apps started from one shell share
@@ -3844,7 +3861,7 @@ def save_state(home, next_id, records):
             env_index[key] = by_text[text]
         processes.append(rec.to_state(env_index[key]))
     text = to_json({"version": 1, "next_id": int(next_id), "envs": envs, "processes": processes})
-    atomic_write(home.state, text.encode(), backup=home.state_backup)
+    atomic_write(home.state, text.encode(), backup=home.state_backup, sync=sync)
 
 
 def _parse_state(raw):
@@ -6117,23 +6134,37 @@ class Engine:
 
     def _release_gated(self, committed):
         gated, self._gated = self._gated, []
+        saved = False
         try:
-            self.save_now()  # a failed save is logged; the apps run anyway, and a new daemon finds them by marker
+            # Unsynced: the rename survives a kill -9, which is what the gate guards against; the
+            # fsync follows once the children run. A failed save is logged and the apps run anyway
+            # (a new daemon finds them by their marker).
+            saved = self.save_now(sync=False)
         finally:
             for child in gated:
                 child.release()
             committed.set_result(None)
+            if saved:
+                self.loop.call_soon(self._sync_saved)
 
-    def save_now(self):
+    def save_now(self, sync=True):
         if self._save_handle is not None:
             self._save_handle.cancel()
             self._save_handle = None
         if not self.persist:
-            return
+            return False
         try:
-            save_state(self.home, self.next_id, [a.rec for a in self.apps.values()])
+            save_state(self.home, self.next_id, [a.rec for a in self.apps.values()], sync)
         except OSError as exc:
             self.log_once(f"cannot save state to {self.home.state!r}: {exc}")
+            return False
+        return True
+
+    def _sync_saved(self):
+        try:
+            sync_file(self.home.state)
+        except OSError as exc:
+            self.log_once(f"cannot sync {self.home.state!r}: {exc}")
 
     def log_once(self, message):
         if message not in self._logged_once:

@@ -1582,6 +1582,13 @@ class TestStateStore(HomeTestCase):
         self.assertIn("starting with no apps", warnings[-1])
 
     @unittest.skipUnless(IS_ROOT, "needs root to own a file as another user")
+    def test_a_logs_directory_planted_by_another_user_is_refused(self):
+        os.chown(self.home.logs, 65534, 65534)
+        with self.assertRaises(oxmgr.OxmgrError) as cm:
+            self.home.ensure()
+        self.assertIn("is not a directory of yours (uid 65534)", str(cm.exception))
+
+    @unittest.skipUnless(IS_ROOT, "needs root to own a file as another user")
     def test_a_state_file_of_another_user_is_not_trusted(self):
         oxmgr.save_state(self.home, 1, [make_record(0, "planted")])
         os.chown(self.home.state, 65534, 65534)
