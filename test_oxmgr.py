@@ -2620,7 +2620,8 @@ class TestRunReal(unittest.TestCase):
             run = await oxmgr.Run.start(engine, [sys.executable, "-S", "-c", code], None, dict(os.environ),
                                         on_output=lambda stream, chunk, starts: got.append((stream, chunk)))
             try:
-                while not any(chunk.endswith(b"done\n") for _, chunk in got):
+                # "done" ends a 2.5 MB line, which arrives in pieces cut anywhere (even inside "done")
+                while not b"".join(chunk for stream, chunk in got if stream == "out").endswith(b"done\n"):
                     await asyncio.sleep(0.01)
                 return [fcntl.fcntl(run.transports[s].get_extra_info("pipe").fileno(), get_size)
                         for s in ("out", "err")]
