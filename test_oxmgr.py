@@ -3156,13 +3156,14 @@ class TestDaemonLifecycle(DaemonTestCase):
         self.assertEqual(self.info("off")["status"], "stopped")
 
     def test_list_answers_while_a_shutdown_stops_the_apps(self):
-        self.start_app("slow", IGNORE_SIGTERM, "--stop-timeout", "1")
-        self.wait_ready_pid("slow")
+        self.start_app("slow", IGNORE_SIGTERM, "--stop-timeout", "60")
+        pid = self.wait_ready_pid("slow")
         oxmgr.request(self.home, "shutdown")
         self.wait(lambda: oxmgr.request(self.home, "list")["processes"][0]["status"] == "stopping", "stopping")
         code, _, err = self.cli("start", python_child(READY_THEN_SLEEP), "--name", "late")
         self.assertEqual(code, 1)
         self.assertIn("shutting down", err)
+        os.kill(pid, signal.SIGKILL)  # the shutdown ends when the app does, not 60 s from now
         self.assertEqual(self.daemon.wait(LONG_TIMEOUT), 0)
 
     def test_daemon_stop_command_and_status(self):
