@@ -5898,15 +5898,18 @@ class App:
 
     # -- reporting ----------------------------------------------------------
 
-    def describe(self):
-        """Return the public view of the app: no env values, ever; never raises (list must always work)."""
+    def describe(self, group_sizes=None):
+        """Return the public view of the app: no env values, ever; never raises (list must always work).
+
+        group_sizes: {base name: instances}, counted once for a whole listing.
+        """
         try:
-            return self._view()
+            return self._view(group_sizes or self.engine.group_sizes())
         except Exception as exc:  # pragma: no cover  (a spec that exists is valid; this is the last line)
             return {"id": self.rec.id, "name": self.name, "status": self.rec.status,
                     "status_reason": f"cannot describe: {type(exc).__name__}: {exc}"}
 
-    def _view(self):
+    def _view(self, group_sizes):
         rec = self.rec
         spec = rec.spec
         run = self.run
@@ -5959,7 +5962,7 @@ class App:
             "combined_log": self.log_path("combined"),
             "base_name": spec.base_name or spec.name,
             "instance": spec.instance,
-            "instances": self.engine.group_size(self),
+            "instances": group_sizes[spec.base_name or spec.name],
             "depends_on": list(spec.depends_on),
             "log_date_format": spec.log_date_format,
             "env_keys": sorted(spec.env),
@@ -6054,10 +6057,9 @@ class Engine:
             n += 1
         return f"{base}-{n}"
 
-    def group_size(self, app):
-        """How many instances the app's group has now (derived, never stored)."""
-        base = app.spec.base_name or app.name
-        return sum(1 for a in self.apps.values() if (a.spec.base_name or a.name) == base)
+    def group_sizes(self):
+        """How many instances each group (base name) has now: derived, never stored."""
+        return collections.Counter(a.spec.base_name or a.name for a in self.apps.values())
 
     def add(self, spec, base_env):
         """Register an app (not started); DuplicateProcess if the name is taken."""
@@ -6429,7 +6431,8 @@ class Service:
         return await handler(msg, conn)
 
     def _listing(self, apps):
-        return [a.describe() for a in apps]
+        sizes = self.engine.group_sizes()
+        return [a.describe(sizes) for a in apps]
 
     def _targets(self, msg):
         apps = self.engine.resolve(_arg_targets(msg), missing_ok=bool(msg.get("missing_ok")))

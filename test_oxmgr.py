@@ -2551,7 +2551,7 @@ class TestEngineFake(EngineTestCase):
                                      d["new"] == "stopped" else None)
         self.run_async(self.engine.stop_all([db, api[0], api[1], worker]))
         self.assertEqual((stopped[0], sorted(stopped[1:3]), stopped[3]), ("worker", ["api-0", "api-1"], "db"))
-        self.assertEqual(self.engine.group_size(api[0]), 2)
+        self.assertEqual(self.engine.group_sizes()[api[0].spec.base_name], 2)
 
     def test_resolve_targets(self):
         a = self.add(name="a")
