@@ -6149,6 +6149,11 @@ class Engine:
             if saved:
                 self.loop.call_soon(self._sync_saved)
 
+    def flush_save(self):
+        """Do a save that save_soon() has scheduled now."""
+        if self._save_handle is not None:
+            self.save_now()
+
     def save_now(self, sync=True):
         if self._save_handle is not None:
             self._save_handle.cancel()
@@ -6428,7 +6433,10 @@ class Service:
             await self.ready.wait()
         if self.shutting_down and op not in ("ping", "list", "status", "shutdown"):
             raise DaemonNotRunning("the daemon is shutting down; try again in a moment")
-        return await handler(msg, conn)
+        try:
+            return await handler(msg, conn)
+        finally:
+            self.engine.flush_save()  # what a reply reports is in the state file first (a kill -9 undoes nothing)
 
     def _listing(self, apps):
         sizes = self.engine.group_sizes()

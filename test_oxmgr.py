@@ -33,6 +33,7 @@ SHORT_TIMEOUT = 10 * TIMEOUT_SCALE
 LONG_TIMEOUT = 30 * TIMEOUT_SCALE
 SLOW = oxmgr.env_flag("OXMGR_SLOW_TESTS")
 SOAK_ROUNDS = os.environ.get("OXMGR_SOAK_ROUNDS")  # read before the tests clear OXMGR_* from the environment
+SOAK_SEED = int(os.environ.get("OXMGR_SOAK_SEED", "7"))
 HERE = os.path.dirname(os.path.abspath(__file__))
 OXMGR_PY = os.path.join(HERE, "oxmgr.py")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -3398,7 +3399,7 @@ class TestKill9(DaemonTestCase):
         every app meant to run runs exactly once and nothing else of ours runs."""
         import random
         import threading
-        rng = random.Random(7)
+        rng = random.Random(SOAK_SEED)
         rounds = int(SOAK_ROUNDS or 200)
         names = [f"s{i}" for i in range(6)]
         lost = duplicates = orphans = 0
