@@ -270,6 +270,23 @@ class DaemonTestCase(HomeTestCase):
         except AssertionError as exc:
             raise AssertionError(f"{exc}{self.daemon_log_tail()}") from None
 
+    def background_cli(self, *argv):
+        """Run the CLI in a subprocess that the test does not wait for (it is killed at cleanup)."""
+        cli = subprocess.Popen([sys.executable, OXMGR_PY] + list(argv), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, universal_newlines=True)
+
+        def end():
+            if cli.poll() is None:
+                cli.kill()
+            if not cli.stderr.closed:
+                cli.communicate()
+        self.addCleanup(end)
+        return cli
+
+    def finished(self, cli):
+        _, err = cli.communicate(timeout=LONG_TIMEOUT)
+        self.assertEqual(cli.returncode, 0, err)
+
     def start_app(self, name, code, *flags):
         self.cli_ok("start", python_child(code), "--name", name, *flags)
         return self.info(name)
@@ -3306,7 +3323,7 @@ class TestKill9(DaemonTestCase):
         self.daemon = None
         if cli is not None:
             cli.kill()
-            cli.wait()
+            cli.communicate()
         return state
 
     def recorded(self, state, name):
@@ -3322,16 +3339,10 @@ class TestKill9(DaemonTestCase):
         for pid in old_pids:
             self.wait(lambda p=pid: process_state(p) in (None, "Z"), f"old pid {pid} gone")
 
-    def cli_async(self, *argv):
-        proc = subprocess.Popen([sys.executable, OXMGR_PY] + list(argv), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        self.addCleanup(lambda: proc.poll() is None and (proc.kill(), proc.wait()))
-        return proc
-
     def test_start(self):
         command = self.stopper("t4")
         self.arm()
-        cli = self.cli_async("start", command, "--name", "t4")
+        cli = self.background_cli("start", command, "--name", "t4")
         state = self.frozen_state(self.daemon.pid, cli)
         live = self.ours("t4")
         self.assertEqual(len(live), 1)
@@ -3343,7 +3354,7 @@ class TestKill9(DaemonTestCase):
         self.cli_ok("start", command, "--name", "r")
         first = self.wait(lambda: self.info("r")["pid"], "first child")
         self.arm("r")
-        cli = self.cli_async("restart", "r")
+        cli = self.background_cli("restart", "r")
         state = self.frozen_state(self.daemon.pid, cli)
         live = self.ours("r")
         self.assertEqual(self.recorded(state, "r"), set(live))
@@ -3385,7 +3396,7 @@ class TestKill9(DaemonTestCase):
         self.cli_ok("start", command, "--name", "web", "--min-uptime", "0.2")
         old = self.info("web")["pid"]
         self.arm("web")
-        cli = self.cli_async("reload", "web")
+        cli = self.background_cli("reload", "web")
         state = self.frozen_state(self.daemon.pid, cli)
         live = self.ours("web")
         self.assertEqual(len(live), 2)  # the old one serves on while its replacement starts
@@ -4222,21 +4233,6 @@ class TestNotifySenders(DaemonTestCase):
         """Make the app send STATUS=text and wait until the daemon shows it: all before it was handled."""
         self.drop(f"status-{pid}", text.encode())
         self.wait(lambda: self.info("n")["notify_status"] == text, f"STATUS={text}")
-
-    def background_cli(self, *argv):
-        cli = subprocess.Popen([sys.executable, OXMGR_PY] + list(argv), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, universal_newlines=True)
-
-        def end():
-            if cli.poll() is None:
-                cli.kill()
-            cli.communicate()
-        self.addCleanup(end)
-        return cli
-
-    def finished(self, cli):
-        _, err = cli.communicate(timeout=LONG_TIMEOUT)
-        self.assertEqual(cli.returncode, 0, err)
 
     def starting(self):
         return self.background_cli("start", python_child(NOTIFY_ON_FILES) + " " + self.tmp, "--name", "n",
