@@ -2506,6 +2506,7 @@ class TestEngineFake(EngineTestCase):
         rule = self.loop.create_task(app.restart_for("watch: a.js changed"))  # desired is still "running"
         self.advance(100)
         self.run_until(lambda: restart.done() and stop.done() and rule.done(), "all three")
+        self.assertIsInstance(restart.exception(), oxmgr.SpawnError)  # ended before its launch: said so
         self.assertEqual((app.state.status, app.rec.desired), ("stopped", "stopped"))
 
     def test_every_waiting_stop_ends_the_start_before_it(self):
@@ -2520,6 +2521,7 @@ class TestEngineFake(EngineTestCase):
         second = self.loop.create_task(app.stop())
         self.advance(300)
         self.run_until(lambda: first.done() and restart.done() and second.done(), "all three")
+        self.assertIn("stopped before it was ready", str(restart.exception()))
         self.assertEqual((app.state.status, len(self.driver.children)), ("stopped", 1))
 
     def test_a_restart_finishing_its_stop_phase_during_a_shutdown_spawns_nothing(self):
@@ -2534,6 +2536,7 @@ class TestEngineFake(EngineTestCase):
         shutdown = self.loop.create_task(self.engine.stop_all([db, api], desired=None))
         self.advance(100)
         self.run_until(lambda: shutdown.done() and restart.done(), "shutdown")
+        self.assertIn("shutting down", str(restart.exception()))
         self.assertEqual(len(self.driver.children), 2)
         self.assertEqual({db.state.status, api.state.status}, {"stopped"})
 
