@@ -4844,7 +4844,9 @@ class TestReload(DaemonTestCase):
         port = free_port()
         self.cli_ok("start", "node " + os.path.join(HERE, "examples", "listen", "server.js"), "--name", "nodeweb",
                     "--listen", f"tcp://127.0.0.1:{port}", "-i", "2", "--min-uptime", "0.3")
-        pids = {self.info(f"nodeweb-{i}")["pid"] for i in range(2)}
+        # start answers once the instances are checked; the second may still be spawning.
+        pids = self.wait(lambda: (lambda p: p if None not in p else None)(
+            {self.info(f"nodeweb-{i}")["pid"] for i in range(2)}), "both instances spawned")
         for name in ("nodeweb-0", "nodeweb-1"):  # both listen (which one gets a connection is the kernel's call)
             self.wait_log(name, f"serving on fd 3 as pid {self.info(name)['pid']}", timeout=LONG_TIMEOUT)
         self.assertIn(http_pid(port), pids)
